@@ -1,0 +1,1 @@
+from wbdit import ops, reference
