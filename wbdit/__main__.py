@@ -1,0 +1,5 @@
+import sys
+
+from wbdit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,235 @@
+"""Reading ``.h5ad`` files, the field's preprocessing, and batches for the trainer.
+
+Pipeline (every choice is stored in ``Preprocessor`` and saved with the checkpoint):
+counts -> normalize_total(1e4) + log1p -> optional highly-variable genes -> per-gene
+scaling into the space the diffusion runs in. ``Preprocessor.inverse`` maps model
+samples back to log-normalized values (and exact zeros) on the training genes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from wbdit.atomic import atomic_path
+
+TARGET_SUM = 1e4
+SCALINGS = ("minmax", "standard")
+
+
+def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
+    """Read an AnnData file with errors that name the file and the problem."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, expected an .h5ad file")
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        raise ValueError(f"{path}: not an .h5ad (HDF5) file")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except Exception as exc:
+        raise ValueError(f"{path}: could not be read as AnnData: {exc}") from exc
+
+
+def get_matrix(adata: ad.AnnData, layer: str | None = None):
+    """``.X`` or ``.layers[layer]``, with a clear error for an unknown layer."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("the AnnData has no .X; pass layer= to use one of its layers")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not found; available layers: {sorted(adata.layers)}")
+    return adata.layers[layer]
+
+
+def _values(X) -> np.ndarray:
+    """The stored (non-implicit-zero) values of a dense or sparse matrix."""
+    return X.data if sp.issparse(X) else np.asarray(X).ravel()
+
+
+def validate_expression(X, what: str = ".X") -> str:
+    """Check for NaN/inf/negatives and say whether X holds "counts" or "log-normalized" values."""
+    if X.shape[0] == 0:
+        raise ValueError(f"{what} has zero cells")
+    if X.shape[1] == 0:
+        raise ValueError(f"{what} has zero genes")
+    v = _values(X)
+    if v.size and not np.isfinite(v).all():
+        bad = int((~np.isfinite(v)).sum())
+        raise ValueError(f"{what} contains {bad} NaN or infinite values")
+    if v.size and v.min() < 0:
+        raise ValueError(
+            f"{what} contains negative values (min {v.min():.3g}); wbdit expects raw counts or "
+            "log1p-normalized expression, not scaled or centred data"
+        )
+    return "counts" if np.array_equal(v, np.round(v)) else "log-normalized"
+
+
+def log_normalize(X, kind: str) -> tuple[sp.csr_matrix, np.ndarray]:
+    """log1p(normalize_total(1e4)) as float32 CSR, and library sizes (counts input; else NaN)."""
+    X = sp.csr_matrix(X, dtype=np.float32)
+    if kind == "log-normalized":
+        return X, np.full(X.shape[0], np.nan, dtype=np.float32)
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    if (lib == 0).any():
+        raise ValueError(f"{int((lib == 0).sum())} cells have zero total counts; filter them out first")
+    X = sp.diags((TARGET_SUM / lib).astype(np.float32)) @ X
+    X.data = np.log1p(X.data)
+    return sp.csr_matrix(X), lib.astype(np.float32)
+
+
+@dataclass
+class Preprocessor:
+    """Everything needed to map between an AnnData's genes and the model's space, and back.
+
+    ``center``/``scale`` define ``z = (x - center) / scale`` per gene on log-normalized x;
+    ``lo``/``hi`` are the valid range of z (x in [0, max observed]).
+    """
+
+    var_names: list[str]
+    input_kind: str
+    scaling: str = "minmax"
+    layer: str | None = None
+    n_top_genes: int | None = None
+    label_key: str | None = None
+    categories: list[str] = field(default_factory=list)
+    class_counts: list[int] = field(default_factory=list)
+    center: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    x_max: list[float] = field(default_factory=list)
+    log_library: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @classmethod
+    def fit(
+        cls,
+        adata: ad.AnnData,
+        label_key: str | None = None,
+        layer: str | None = None,
+        n_top_genes: int | None = None,
+        scaling: str = "minmax",
+    ) -> tuple["Preprocessor", sp.csr_matrix, np.ndarray | None]:
+        """Fit on ``adata``; return the preprocessor, log-normalized CSR (cells x kept genes), labels."""
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
+        X = get_matrix(adata, layer)
+        kind = validate_expression(X, f".layers[{layer!r}]" if layer else ".X")
+        labels, categories = encode_labels(adata, label_key)
+        logx, lib = log_normalize(X, kind)
+        genes = np.asarray(adata.var_names.astype(str))
+        if n_top_genes is not None and n_top_genes < len(genes):
+            keep = highly_variable(logx, n_top_genes)
+            logx, genes = logx[:, keep], genes[keep]
+        x_max = np.asarray(logx.max(axis=0).todense()).ravel().astype(np.float64)
+        if scaling == "minmax":
+            half = np.maximum(x_max, 1e-3) / 2  # a gene never expressed keeps a finite scale
+            center, scale = half, half
+        else:
+            mean = np.asarray(logx.mean(axis=0)).ravel()
+            sq = np.asarray(logx.multiply(logx).mean(axis=0)).ravel()
+            center, scale = mean, np.sqrt(np.maximum(sq - mean**2, 1e-6))
+        log_library = {}
+        if kind == "counts":
+            groups = {c: labels == i for i, c in enumerate(categories)} if labels is not None else {}
+            for name, mask in {"__all__": np.ones(len(lib), bool), **groups}.items():
+                ll = np.log(lib[mask])
+                log_library[name] = (float(ll.mean()), float(ll.std()))
+        pre = cls(
+            var_names=[str(g) for g in genes], input_kind=kind, scaling=scaling, layer=layer,
+            n_top_genes=n_top_genes, label_key=label_key, categories=categories,
+            class_counts=[] if labels is None else np.bincount(labels, minlength=len(categories)).tolist(),
+            center=center.tolist(), scale=scale.tolist(), x_max=x_max.tolist(), log_library=log_library,
+        )
+        return pre, logx, labels
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_names)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessor":
+        return cls(**{**d, "log_library": {k: tuple(v) for k, v in d["log_library"].items()}})
+
+    def _vec(self, name: str, like: Tensor) -> Tensor:
+        return torch.tensor(getattr(self, name), dtype=like.dtype, device=like.device)
+
+    def transform(self, logx: Tensor) -> Tensor:
+        """Log-normalized (B, G) -> model space."""
+        return (logx - self._vec("center", logx)) / self._vec("scale", logx)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Model space (B, G) -> log-normalized, clipped to [0, max observed] (exact zeros)."""
+        x = z * self._vec("scale", z) + self._vec("center", z)
+        return torch.minimum(x.clamp_min(0.0), self._vec("x_max", z))
+
+    def bounds(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """Per-gene valid range of the model space, for clipping x0 predictions while sampling."""
+        like = torch.empty(0, device=device)
+        lo = self.transform(torch.zeros(self.n_genes, device=device))
+        return lo, self.transform(self._vec("x_max", like))
+
+    def label_index(self, cell_type: str) -> int:
+        if cell_type not in self.categories:
+            raise ValueError(f"unknown cell type {cell_type!r}; the model knows {self.categories}")
+        return self.categories.index(cell_type)
+
+
+def encode_labels(adata: ad.AnnData, label_key: str | None) -> tuple[np.ndarray | None, list[str]]:
+    """Integer codes and category names of ``obs[label_key]`` (None, [] without a key)."""
+    if label_key is None:
+        return None, []
+    if label_key not in adata.obs:
+        raise KeyError(f"label key {label_key!r} not in obs; available columns: {list(adata.obs.columns)}")
+    col = adata.obs[label_key]
+    if col.isna().any():
+        raise ValueError(f"obs[{label_key!r}] has {int(col.isna().sum())} missing labels")
+    cat = col.astype(str).astype("category")
+    return cat.cat.codes.to_numpy().astype(np.int64), [str(c) for c in cat.cat.categories]
+
+
+def highly_variable(logx: sp.csr_matrix, n_top_genes: int) -> np.ndarray:
+    """Indices (sorted) of the ``n_top_genes`` highly variable genes (scanpy, Seurat flavour)."""
+    import scanpy as sc
+
+    tmp = ad.AnnData(logx)
+    sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
+    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+
+
+class CellBatches:
+    """Shuffled mini-batches of model-space tensors, densifying one sparse batch at a time."""
+
+    def __init__(self, logx: sp.csr_matrix, labels: np.ndarray | None, pre: Preprocessor, batch_size: int):
+        if logx.shape[0] == 0:
+            raise ValueError("no cells to train on")
+        self.logx, self.labels, self.pre = logx, labels, pre
+        self.batch_size = min(batch_size, logx.shape[0])
+
+    def __len__(self) -> int:
+        return self.logx.shape[0] // self.batch_size  # drop the ragged last batch: stable batch shapes
+
+    def epoch(self, seed: int, epoch: int, device: torch.device | str) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Batches of one epoch in an order fixed by (seed, epoch), so a resumed run repeats it."""
+        order = torch.randperm(self.logx.shape[0], generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        for i in range(len(self)):
+            idx = np.sort(order[i * self.batch_size : (i + 1) * self.batch_size].numpy())
+            x = torch.from_numpy(self.logx[idx].toarray()).to(device)
+            y = None if self.labels is None else torch.from_numpy(self.labels[idx]).to(device)
+            yield self.pre.transform(x), y
+
+
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:
+    """Write ``adata`` atomically: a failed write leaves no partial file."""
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)

@@ -1,0 +1,236 @@
+"""The diffusion trainer: AdamW, EMA, bf16 autocast on CUDA, atomic checkpoints, exact resume.
+
+A run directory holds ``checkpoint.pt`` (model, EMA, optimizer, RNG, preprocessing,
+diffusion and model config) and ``log.jsonl`` (one JSON line per epoch). ``Run.load``
+turns it back into a model ready to sample.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import anndata as ad
+import torch
+from tqdm.auto import tqdm
+
+from wbdit.atomic import atomic_path
+from wbdit.data import CellBatches, Preprocessor
+from wbdit.diffusion import GaussianDiffusion
+from wbdit.model import PRESETS, WhiteBoxDiT, _GeneDiT, arch_name, build_model
+from wbdit.profiling import nvtx_range
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; saved with the checkpoint and checked on resume."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1
+    seed: int = 0
+    eval_every: int = 0
+    eval_cells: int = 500
+
+
+@dataclass
+class Run:
+    """A trained model: EMA weights for sampling, its preprocessing and diffusion."""
+
+    out_dir: Path
+    model: _GeneDiT
+    preprocessor: Preprocessor
+    diffusion: GaussianDiffusion
+    config: TrainConfig
+    epoch: int
+    history: list[dict]
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike, device: torch.device | str = "cpu", fused: bool = False) -> "Run":
+        """Load ``out_dir/checkpoint.pt``; the model carries the EMA weights, in eval mode."""
+        ckpt = load_checkpoint(out_dir)
+        model = build_model(ckpt["arch"], **ckpt["model_config"], fused=fused)
+        model.load_state_dict(ckpt["ema"])
+        return cls(
+            out_dir=Path(out_dir),
+            model=model.to(device).eval(),
+            preprocessor=Preprocessor.from_dict(ckpt["preprocessor"]),
+            diffusion=GaussianDiffusion(**ckpt["diffusion"]),
+            config=TrainConfig(**ckpt["train_config"]),
+            epoch=ckpt["epoch"],
+            history=read_log(out_dir),
+        )
+
+
+def load_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint (is {out_dir} a wbdit run directory?)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {ckpt.get('format')} is not {FORMAT_VERSION}")
+    return ckpt
+
+
+def read_log(out_dir: str | os.PathLike) -> list[dict]:
+    path = Path(out_dir) / LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(
+    adata: ad.AnnData,
+    model: _GeneDiT | Callable[[int, int | None], _GeneDiT] | None = None,
+    label_key: str | None = None,
+    out_dir: str | os.PathLike = "runs/wbdit",
+    config: TrainConfig | None = None,
+    diffusion: GaussianDiffusion | None = None,
+    layer: str | None = None,
+    n_top_genes: int | None = None,
+    scaling: str = "minmax",
+    resume: bool = False,
+    eval_data: ad.AnnData | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    **overrides,
+) -> Run:
+    """Train ``model`` on ``adata`` and return the ``Run`` (also written to ``out_dir``).
+
+    ``model`` is a model, a factory ``(n_genes, num_classes) -> model`` called once the
+    preprocessing fixed the gene count, or None for a "small" WhiteBoxDiT. Keyword ``overrides``
+    set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...). ``resume=True`` continues the
+    run in ``out_dir`` exactly where its last checkpoint stopped.
+    """
+    config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    device = torch.device(device) if device is not None else default_device()
+    diffusion = diffusion or GaussianDiffusion()
+    out_dir = Path(out_dir)
+    pre, logx, labels = Preprocessor.fit(adata, label_key, layer, n_top_genes, scaling)
+    if not isinstance(model, _GeneDiT):
+        factory = model or (lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **PRESETS["small"]))
+        model = factory(pre.n_genes, len(pre.categories) or None)
+    _check_model_fits(model, pre)
+    model = model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    meta = dict(arch=arch_name(model), model_config=model.config, diffusion=diffusion.config,
+                preprocessor=pre.to_dict(), train_config=asdict(config))
+    start_epoch, step = 0, 0
+    if resume:
+        ckpt = load_checkpoint(out_dir)
+        _check_resumable(ckpt, meta)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        _truncate_log(out_dir, start_epoch)
+    elif (out_dir / CHECKPOINT).exists():
+        raise FileExistsError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another out_dir")
+
+    batches = CellBatches(logx, labels, pre, config.batch_size)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    null = len(pre.categories)
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        t0, total, n = time.perf_counter(), 0.0, 0
+        it = tqdm(batches.epoch(config.seed, epoch, device), total=len(batches), disable=not progress,
+                  desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        for x, y in it:
+            if y is not None and config.label_dropout > 0:  # classifier-free guidance: learn p(x) too
+                drop = torch.rand(y.shape, device=device, generator=gen) < config.label_dropout
+                y = torch.where(drop, torch.full_like(y, null), y)
+            for group in opt.param_groups:
+                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+            with nvtx_range("forward"), amp:
+                loss = diffusion.training_loss(model, x, y, gen)
+            with nvtx_range("backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with nvtx_range("optimizer"):
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                opt.step()
+                _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            total += loss.item() * x.shape[0]
+            n += x.shape[0]
+            it.set_postfix(loss=f"{loss.item():.4f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        record = dict(epoch=epoch + 1, step=step, loss=total / max(n, 1), epoch_time_s=dt, cells_per_s=n / dt)
+        if config.eval_every and (epoch + 1) % config.eval_every == 0:
+            run = Run(out_dir, ema, pre, diffusion, config, epoch + 1, [])
+            record["eval"] = _evaluate_during_training(run, eval_data if eval_data is not None else adata, config, device)
+        _save_checkpoint(out_dir, dict(meta, format=FORMAT_VERSION, model=model.state_dict(), ema=ema.state_dict(),
+                                       optimizer=opt.state_dict(), rng=gen.get_state(), epoch=epoch + 1, step=step))
+        with open(out_dir / LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}  {dt:.1f}s  {record['cells_per_s']:.0f} cells/s")
+    return Run(out_dir, ema, pre, diffusion, config, config.epochs, read_log(out_dir))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def _check_model_fits(model: _GeneDiT, pre: Preprocessor) -> None:
+    if model.n_genes != pre.n_genes:
+        raise ValueError(f"model has n_genes={model.n_genes} but the data has {pre.n_genes} genes after preprocessing")
+    n_classes = len(pre.categories) or None
+    if model.num_classes != n_classes:
+        raise ValueError(f"model has num_classes={model.num_classes} but the labels have {n_classes} classes")
+
+
+def _check_resumable(ckpt: dict, meta: dict) -> None:
+    """Refuse to resume a checkpoint whose model, data or diffusion differ from this run's."""
+    for key in ("arch", "model_config", "diffusion"):
+        if ckpt[key] != meta[key]:
+            raise ValueError(f"cannot resume: checkpoint {key} {ckpt[key]} differs from this run's {meta[key]}")
+    if ckpt["preprocessor"]["var_names"] != meta["preprocessor"]["var_names"]:
+        raise ValueError("cannot resume: the checkpoint was trained on other genes")
+    old = {k: v for k, v in ckpt["train_config"].items() if k != "epochs"}
+    new = {k: v for k, v in meta["train_config"].items() if k != "epochs"}
+    if old != new:
+        diff = {k: (old[k], new[k]) for k in old if old[k] != new.get(k)}
+        raise ValueError(f"cannot resume: training settings differ from the checkpoint's (old, new): {diff}")
+
+
+def _save_checkpoint(out_dir: Path, state: dict) -> None:
+    with atomic_path(out_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def _truncate_log(out_dir: Path, epoch: int) -> None:
+    """Drop log lines past the checkpoint's epoch (written by a run killed before its next save)."""
+    kept = [r for r in read_log(out_dir) if r["epoch"] <= epoch]
+    with atomic_path(out_dir / LOG) as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _evaluate_during_training(run: Run, real: ad.AnnData, config: TrainConfig, device) -> dict:
+    from wbdit.evaluation import evaluate
+    from wbdit.sampling import sample
+
+    gen = sample(run, n_cells=config.eval_cells, seed=config.seed, device=device, progress=False)
+    return evaluate(real, gen, label_key=run.preprocessor.label_key, baselines=False).headline()
