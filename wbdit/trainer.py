@@ -94,6 +94,61 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class TrainHook:
+    """Callbacks from ``train``: subclass and override what you need (both are no-ops here).
+
+    ``on_step_end(step, loss)`` runs after each optimizer step; ``step`` counts the steps
+    completed since the run began and ``loss`` is the step's 0-d tensor (reading it syncs).
+    ``on_epoch_end(record)`` runs after an epoch's training and evaluation, before ``record``
+    (the epoch's ``log.jsonl`` line) is written: keys added to it are logged.
+    """
+
+    def on_step_end(self, step: int, loss: torch.Tensor) -> None:
+        pass
+
+    def on_epoch_end(self, record: dict) -> None:
+        pass
+
+
+def autocast_for(device: torch.device):
+    """The trainer's mixed precision: bf16 autocast on CUDA, none elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train_step(
+    model: _GeneDiT,
+    opt: torch.optim.Optimizer,
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    generator: torch.Generator,
+    grad_clip: float = 1.0,
+    ema: torch.nn.Module | None = None,
+    ema_decay: float = 0.0,
+) -> torch.Tensor:
+    """One optimisation step on x (B, n_genes) and labels y (B,) or None; returns the 0-d loss.
+
+    Forward and loss under ``autocast_for(x.device)``, backward, gradient-norm clipping when
+    ``grad_clip`` > 0, the optimizer step, then ``ema <- lerp(ema, model, 1 - ema_decay)``
+    when ``ema`` is given. Nothing here synchronizes with the GPU.
+    """
+    with nvtx_range("forward"), autocast_for(x.device):
+        loss = diffusion.training_loss(model, x, y, generator)
+    with nvtx_range("backward"):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    with nvtx_range("optimizer"):
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+    if ema is not None:
+        with nvtx_range("ema"):
+            _ema_update(ema, model, ema_decay)
+    return loss
+
+
 def train(
     adata: ad.AnnData,
     model: _GeneDiT | Callable[[int, int | None], _GeneDiT] | None = None,
@@ -108,6 +163,7 @@ def train(
     eval_data: ad.AnnData | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    hook: TrainHook | None = None,
     **overrides,
 ) -> Run:
     """Train ``model`` on ``adata`` and return the ``Run`` (also written to ``out_dir``).
@@ -115,7 +171,8 @@ def train(
     ``model`` is a model, a factory ``(n_genes, num_classes) -> model`` called once the
     preprocessing fixed the gene count, or None for a "small" WhiteBoxDiT. Keyword ``overrides``
     set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...). ``resume=True`` continues the
-    run in ``out_dir`` exactly where its last checkpoint stopped.
+    run in ``out_dir`` exactly where its last checkpoint stopped. ``hook`` receives step and
+    epoch callbacks (``TrainHook``).
     """
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     device = torch.device(device) if device is not None else default_device()
@@ -146,7 +203,6 @@ def train(
         raise FileExistsError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another out_dir")
 
     batches = CellBatches(logx, labels, pre, config.batch_size)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     null = len(pre.categories)
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -159,17 +215,11 @@ def train(
                 y = torch.where(drop, torch.full_like(y, null), y)
             for group in opt.param_groups:
                 group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-            with nvtx_range("forward"), amp:
-                loss = diffusion.training_loss(model, x, y, gen)
-            with nvtx_range("backward"):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            with nvtx_range("optimizer"):
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                opt.step()
-                _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+            loss = train_step(model, opt, diffusion, x, y, gen, config.grad_clip,
+                              ema, min(config.ema_decay, (1 + step) / (10 + step)))
             step += 1
+            if hook is not None:
+                hook.on_step_end(step, loss)
             total += loss.item() * x.shape[0]
             n += x.shape[0]
             it.set_postfix(loss=f"{loss.item():.4f}")
@@ -180,6 +230,8 @@ def train(
         if config.eval_every and (epoch + 1) % config.eval_every == 0:
             run = Run(out_dir, ema, pre, diffusion, config, epoch + 1, [])
             record["eval"] = _evaluate_during_training(run, eval_data if eval_data is not None else adata, config, device)
+        if hook is not None:
+            hook.on_epoch_end(record)
         _save_checkpoint(out_dir, dict(meta, format=FORMAT_VERSION, model=model.state_dict(), ema=ema.state_dict(),
                                        optimizer=opt.state_dict(), rng=gen.get_state(), epoch=epoch + 1, step=step))
         with open(out_dir / LOG, "a") as f:
