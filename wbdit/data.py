@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from wbdit.atomic import atomic_path
+from wbdit.profiling import nvtx_range
 
 TARGET_SUM = 1e4
 SCALINGS = ("minmax", "standard")
@@ -223,10 +224,12 @@ class CellBatches:
         """Batches of one epoch in an order fixed by (seed, epoch), so a resumed run repeats it."""
         order = torch.randperm(self.logx.shape[0], generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         for i in range(len(self)):
-            idx = np.sort(order[i * self.batch_size : (i + 1) * self.batch_size].numpy())
-            x = torch.from_numpy(self.logx[idx].toarray()).to(device)
-            y = None if self.labels is None else torch.from_numpy(self.labels[idx]).to(device)
-            yield self.pre.transform(x), y
+            with nvtx_range("data_load"):  # closed before the yield: the range covers loading only
+                idx = np.sort(order[i * self.batch_size : (i + 1) * self.batch_size].numpy())
+                x = torch.from_numpy(self.logx[idx].toarray()).to(device)
+                y = None if self.labels is None else torch.from_numpy(self.labels[idx]).to(device)
+                batch = self.pre.transform(x), y
+            yield batch
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:

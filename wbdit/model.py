@@ -78,6 +78,10 @@ class MLP(nn.Sequential):
         inner = int(hidden_size * mlp_ratio)
         super().__init__(nn.Linear(hidden_size, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden_size))
 
+    def forward(self, x: Tensor) -> Tensor:
+        with nvtx_range("mlp"):
+            return super().forward(x)
+
 
 class Block(nn.Module):
     """adaLN-Zero block: ``x += g1 * mixer(mod(LN x)); x += g2 * ffn(mod(LN x))``."""
@@ -106,8 +110,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        with nvtx_range("final_layer"):
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class _GeneDiT(nn.Module):
@@ -196,8 +201,9 @@ class _GeneDiT(nn.Module):
             c = self.t_embedder(t_freq.to(h.dtype))
             if self.y_embedder is not None:
                 c = c + self.y_embedder(y)
-        for block in self.blocks:
-            h = block(h, c)
+        for i, block in enumerate(self.blocks):
+            with nvtx_range(f"block {i}"):
+                h = block(h, c)
         return unpatchify(self.final_layer(h, c), self.n_genes)
 
 
