@@ -23,9 +23,12 @@ PREDICTIONS = ("epsilon", "x0", "v")
 
 def make_betas(schedule: str, num_timesteps: int) -> np.ndarray:
     """Betas (T,) float64: "linear" 1e-4..0.02 scaled to T (DDPM), or "cosine" (Nichol & Dhariwal)."""
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
     if schedule == "linear":
         scale = 1000 / num_timesteps
-        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+        # Below T=20 the scaled end exceeds 1 (1 - beta < 0): cap as the cosine schedule does.
+        return np.minimum(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64), 0.999)
     if schedule == "cosine":
         s = 0.008
         f = lambda t: math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
@@ -114,7 +117,8 @@ class GaussianDiffusion:
         """``steps`` distinct timesteps from T-1 down to 0, evenly spaced."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
-        return sorted({int(round(s)) for s in np.linspace(0, self.num_timesteps - 1, steps)}, reverse=True)
+        # From T-1 down, so that even steps=1 starts from pure noise (not from t=0).
+        return sorted({int(round(s)) for s in np.linspace(self.num_timesteps - 1, 0, steps)}, reverse=True)
 
     @torch.no_grad()
     def sample(
@@ -139,6 +143,14 @@ class GaussianDiffusion:
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+        if n < 1 or n_features < 1:
+            raise ValueError(f"need n >= 1 samples of n_features >= 1, got n={n}, n_features={n_features}")
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+        if y is None and cfg_scale != 1.0:
+            raise ValueError(f"cfg_scale={cfg_scale} needs class labels y (classifier-free guidance of a conditional model)")
         x = torch.randn((n, n_features), device=device, generator=generator)
         seq = list(range(self.num_timesteps - 1, -1, -1)) if sampler == "ddpm" else self.timesteps(steps)
         prev_seq = seq[1:] + [-1]
