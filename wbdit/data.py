@@ -93,7 +93,9 @@ class Preprocessor:
     """Everything needed to map between an AnnData's genes and the model's space, and back.
 
     ``center``/``scale`` define ``z = (x - center) / scale`` per gene on log-normalized x;
-    ``lo``/``hi`` are the valid range of z (x in [0, max observed]).
+    ``bounds()`` is the valid range of z (x in [0, max observed]). Real log-normalized
+    values never fall in (0, smallest non-zero value): ``inverse`` maps model outputs below
+    ``zero_threshold`` (half that gap) to exact zeros.
     """
 
     var_names: list[str]
@@ -107,6 +109,7 @@ class Preprocessor:
     center: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
     x_max: list[float] = field(default_factory=list)
+    zero_threshold: float = 0.0
     log_library: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
@@ -137,6 +140,7 @@ class Preprocessor:
             mean = np.asarray(logx.mean(axis=0)).ravel()
             sq = np.asarray(logx.multiply(logx).mean(axis=0)).ravel()
             center, scale = mean, np.sqrt(np.maximum(sq - mean**2, 1e-6))
+        zero_threshold = 0.5 * float(logx.data[logx.data > 0].min()) if logx.nnz else 0.0
         log_library = {}
         if kind == "counts":
             groups = {c: labels == i for i, c in enumerate(categories)} if labels is not None else {}
@@ -147,7 +151,8 @@ class Preprocessor:
             var_names=[str(g) for g in genes], input_kind=kind, scaling=scaling, layer=layer,
             n_top_genes=n_top_genes, label_key=label_key, categories=categories,
             class_counts=[] if labels is None else np.bincount(labels, minlength=len(categories)).tolist(),
-            center=center.tolist(), scale=scale.tolist(), x_max=x_max.tolist(), log_library=log_library,
+            center=center.tolist(), scale=scale.tolist(), x_max=x_max.tolist(), zero_threshold=zero_threshold,
+            log_library=log_library,
         )
         return pre, logx, labels
 
@@ -170,9 +175,9 @@ class Preprocessor:
         return (logx - self._vec("center", logx)) / self._vec("scale", logx)
 
     def inverse(self, z: Tensor) -> Tensor:
-        """Model space (B, G) -> log-normalized, clipped to [0, max observed] (exact zeros)."""
-        x = z * self._vec("scale", z) + self._vec("center", z)
-        return torch.minimum(x.clamp_min(0.0), self._vec("x_max", z))
+        """Model space (B, G) -> log-normalized in [0, max observed], with exact zeros."""
+        x = torch.minimum(z * self._vec("scale", z) + self._vec("center", z), self._vec("x_max", z))
+        return torch.where(x < self.zero_threshold, torch.zeros_like(x), x)
 
     def bounds(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """Per-gene valid range of the model space, for clipping x0 predictions while sampling."""
