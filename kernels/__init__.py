@@ -1,1 +1,24 @@
-"""Fused Triton kernels of WB-DiT (installed as wbdit.kernels)."""
+"""Fused Triton kernels of WB-DiT (installed as ``wbdit.kernels``).
+
+- :mod:`wbdit.kernels.mssa`: subspace self-attention (Q = K = V), flash-style forward and backward.
+- :mod:`wbdit.kernels.ista`: the ISTA sparse-coding step, two fused GEMMs forward, three backward.
+- :mod:`wbdit.kernels.aot`: ahead-of-time compilation for sm_80 / sm_90a and the resource table.
+
+Each op is a ``torch.library`` custom op (``wbdit::mssa_triton_fwd`` / ``_bwd``,
+``wbdit::ista_triton_fwd`` / ``_bwd``) with fake and autograd registrations. Importing this
+package raises ImportError when Triton is not installed.
+"""
+import triton  # noqa: F401  (fail at import, cleanly, when Triton is missing)
+
+from .ista import ista
+from .mssa import mssa
+
+__all__ = ["ista", "mssa", "register_ops"]
+
+
+def register_ops(register, supports) -> None:
+    """Register the Triton implementations with a dispatcher: ``register(op, name, supports,
+    priority)`` returns a decorator (``wbdit.ops.register``); ``supports(*args)`` says whether
+    Triton can run on the arguments (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    register("mssa", "triton", supports, priority=10)(mssa)
+    register("ista", "triton", supports, priority=10)(ista)
