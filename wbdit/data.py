@@ -210,7 +210,13 @@ def highly_variable(logx: sp.csr_matrix, n_top_genes: int) -> np.ndarray:
 
     tmp = ad.AnnData(logx)
     sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
-    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+    # scanpy keeps every gene tied with the n-th (e.g. genes alone in their mean bin all get
+    # dispersion_norm 1), so it can return more than asked: rank and cut at exactly n,
+    # ties broken by raw dispersion, then gene order.
+    norm = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(np.float64), nan=-np.inf)
+    raw = np.nan_to_num(tmp.var["dispersions"].to_numpy(np.float64), nan=-np.inf)
+    order = np.lexsort((np.arange(len(norm)), -raw, -norm))
+    return np.sort(order[:n_top_genes])
 
 
 class CellBatches:
