@@ -87,10 +87,29 @@ class GaussianDiffusion:
         x0 = a.sqrt() * x_t - (1 - a).sqrt() * out
         return (1 - a).sqrt() * x_t + a.sqrt() * out, x0
 
-    def training_loss(self, model: Callable, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
-        """Mean squared error of the model's prediction at uniformly drawn t, noise from ``generator``."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    def draw_t_noise(
+        self, n: int, n_features: int, generator: torch.Generator | None,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ) -> tuple[Tensor, Tensor]:
+        """The training loss's random draws for n rows: t (n,) uniform in [0, T), noise (n, n_features).
+
+        Distributed training draws them for the whole global batch on every rank (same
+        generator state everywhere) and keeps its own rows, so the draws do not depend on
+        the number of ranks.
+        """
+        t = torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+        return t, torch.randn((n, n_features), device=device, dtype=dtype, generator=generator)
+
+    def training_loss(
+        self, model: Callable, x0: Tensor, y: Tensor | None, generator: torch.Generator | None = None,
+        t: Tensor | None = None, noise: Tensor | None = None,
+    ) -> Tensor:
+        """Mean squared error of the model's prediction at uniformly drawn t with Gaussian noise.
+
+        ``t`` (B,) and ``noise`` (B, G) are drawn from ``generator`` by ``draw_t_noise`` unless given.
+        """
+        if t is None or noise is None:
+            t, noise = self.draw_t_noise(x0.shape[0], x0.shape[1], generator, x0.device, x0.dtype)
         out = model(self.q_sample(x0, t, noise), t, y)
         return F.mse_loss(out.float(), self.target(x0, t, noise).float())
 
