@@ -1,4 +1,4 @@
-"""The ``wbdit`` command line: train, sample, evaluate, report, demo."""
+"""The ``wbdit`` command line: train, sample, evaluate, report, demo, compare, profile."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,45 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {summary['wall_time_s']:.0f} s; outputs in {args.out}/")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from wbdit.compare import CompareConfig, run_compare
+    from wbdit.trainer import default_device
+
+    device = args.device or str(default_device())
+    size = {k: v for k, v in dict(patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
+                                  num_heads=args.num_heads).items() if v is not None}
+    overrides = {k: v for k, v in dict(
+        models=tuple(args.models.split(",")) if args.models else None, preset=args.preset, data=args.data,
+        n_cells=args.n_cells, n_genes=args.n_genes, n_types=args.n_types, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, eval_cells=args.eval_cells,
+        seed=args.seed, isolate=False if args.no_isolate else None,
+    ).items() if v is not None}
+    run_compare(args.out, CompareConfig.for_device(device, size, **overrides), device=device)
+    print(Path(args.out, "compare.md").read_text())
+    print(f"wrote {args.out}/compare.json, compare.md, compare_time.png, compare_metrics.png")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from wbdit.profiling import nsys_command, profile_training
+
+    if args.nsys:
+        program = ["wbdit", "profile", "--nsys", "--out", args.out, "--arch", args.arch, "--n-genes", str(args.n_genes),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)]
+        program += [f"--{k.replace('_', '-')}={v}" for k, v in dict(
+            preset=args.preset, batch_size=args.batch_size, device=args.device).items() if v is not None]
+        program += ["--fused"] if args.fused else []
+        print("Nsight Systems timeline of the measured steps (NVTX ranges included):\n  "
+              + nsys_command(args.out, program), flush=True)
+    s = profile_training(args.out, arch=args.arch, fused=args.fused, preset=args.preset, n_genes=args.n_genes,
+                         batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, nsys=args.nsys,
+                         device=args.device, seed=args.seed)
+    if not args.nsys:
+        print(Path(s["files"]["top_ops"]).read_text())
+    print(f"{s['arch']} fused={s['fused']} preset={s['preset']} batch {s['batch_size']} on {s['machine']['device']}: "
+          f"median {s['median_step_ms']:.1f} ms/step ({s['cells_per_s']:.0f} cells/s) over {s['measured_steps']} steps")
+    print(f"wrote {args.out}/profile.json" + ("" if args.nsys else f", {s['files']['trace']}, {s['files']['top_ops']}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wbdit", description="White-Box Diffusion Transformer for single-cell RNA-seq")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,6 +186,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("compare", help="train WB-DiT (reference, fused) and DiT identically; time, memory, quality")
+    c.add_argument("--out", default="wbdit-compare", help="output directory (compare.json, compare.md, plots)")
+    c.add_argument("--models", help="comma-separated variants (default: wbdit-ref,wbdit-fused,dit-ref,dit-fused)")
+    c.add_argument("--preset", choices=("small", "seed"), help="model size (default: seed on CUDA, small on CPU)")
+    c.add_argument("--patch-size", type=_positive_int)
+    c.add_argument("--hidden-size", type=_positive_int)
+    c.add_argument("--depth", type=_positive_int)
+    c.add_argument("--num-heads", type=_positive_int)
+    c.add_argument("--data", choices=("pbmc", "synthetic"),
+                   help="bundled PBMC cells or simulated counts (default: synthetic on CUDA, pbmc on CPU)")
+    c.add_argument("--n-cells", type=_positive_int, help="synthetic cells (default 10000)")
+    c.add_argument("--n-genes", type=_positive_int, help="synthetic genes (default 2000)")
+    c.add_argument("--n-types", type=_positive_int, help="synthetic cell types (default 10)")
+    c.add_argument("--epochs", type=_positive_int, help="default 10")
+    c.add_argument("--batch-size", type=_positive_int, help="default 256 on CUDA, 64 on CPU")
+    c.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3, the demo's)")
+    c.add_argument("--eval-every", type=int, help="evaluate every K epochs, 0: never (default 5)")
+    c.add_argument("--eval-cells", type=_positive_int, help="generated cells per evaluation")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--no-isolate", action="store_true", help="train all variants in this process (CPU peak RSS "
+                   "is then reset per epoch where Linux allows it)")
+    c.add_argument("--device")
+    c.set_defaults(func=cmd_compare)
+
+    f = sub.add_parser("profile", help="profile a few training steps (torch.profiler trace, top ops; or --nsys)")
+    f.add_argument("--out", default="wbdit-profile", help="output directory (trace.json, top_ops.txt, profile.json)")
+    f.add_argument("--nsys", action="store_true",
+                   help="print the nsys command and bracket the measured steps with cudaProfilerStart/Stop")
+    f.add_argument("--arch", choices=("wbdit", "dit"), default="wbdit")
+    f.add_argument("--fused", action="store_true")
+    f.add_argument("--preset", choices=("small", "seed"), help="default: seed on CUDA, small on CPU")
+    f.add_argument("--n-genes", type=_positive_int, default=2000)
+    f.add_argument("--batch-size", type=_positive_int, help="default 256 on CUDA, 32 on CPU")
+    f.add_argument("--warmup", type=_positive_int, default=3, help="unprofiled warm-up steps")
+    f.add_argument("--steps", type=_positive_int, default=5, help="measured steps")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device")
+    f.set_defaults(func=cmd_profile)
     return p
 
 

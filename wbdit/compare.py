@@ -81,18 +81,18 @@ class CompareConfig:
             raise ValueError(f"unknown data {self.data!r}; choose 'pbmc' or 'synthetic'")
 
     @classmethod
-    def for_device(cls, device: torch.device | str, **overrides) -> "CompareConfig":
+    def for_device(cls, device: torch.device | str, size: dict | None = None, **overrides) -> "CompareConfig":
         """CPU: PBMC cells, "small" preset, batch 64, 10 epochs (minutes).
         CUDA: the seed configuration (hidden 768, depth 3, 8 heads, patch 10) on 10000
         synthetic cells x 2000 genes, batch 256, 10 epochs, 1000 generated cells per evaluation.
-        ``overrides`` set any field; a ``preset`` without ``model`` picks that preset's size.
+        ``overrides`` set any field; ``size`` overrides some of the preset's model sizes.
         """
         if torch.device(device).type == "cuda":
             base = dict(preset="seed", data="synthetic", batch_size=256, eval_cells=1000)
         else:
             base = dict(preset="small", data="pbmc", batch_size=64, eval_cells=200)
         base.update(overrides)
-        base.setdefault("model", dict(PRESETS[base["preset"]]))
+        base.setdefault("model", {**PRESETS[base["preset"]], **(size or {})})
         return cls(**base)
 
     def describe_data(self) -> str:
