@@ -133,13 +133,9 @@ class Preprocessor:
             keep = highly_variable(logx, n_top_genes)
             logx, genes = logx[:, keep], genes[keep]
         x_max = np.asarray(logx.max(axis=0).todense()).ravel().astype(np.float64)
-        if scaling == "minmax":
-            half = np.maximum(x_max, 1e-3) / 2  # a gene never expressed keeps a finite scale
-            center, scale = half, half
-        else:
-            mean = np.asarray(logx.mean(axis=0)).ravel()
-            sq = np.asarray(logx.multiply(logx).mean(axis=0)).ravel()
-            center, scale = mean, np.sqrt(np.maximum(sq - mean**2, 1e-6))
+        moments = None if scaling == "minmax" else (
+            np.asarray(logx.mean(axis=0)).ravel(), np.asarray(logx.multiply(logx).mean(axis=0)).ravel())
+        center, scale = scaling_parameters(scaling, x_max, moments)
         zero_threshold = 0.5 * float(logx.data[logx.data > 0].min()) if logx.nnz else 0.0
         log_library = {}
         if kind == "counts":
@@ -191,6 +187,17 @@ class Preprocessor:
         return self.categories.index(cell_type)
 
 
+def scaling_parameters(
+    scaling: str, x_max: np.ndarray, moments: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene (center, scale) from the log-normalized max and, for "standard", (mean, mean square)."""
+    if scaling == "minmax":
+        half = np.maximum(x_max, 1e-3) / 2  # a gene never expressed keeps a finite scale
+        return half, half
+    mean, sq = moments
+    return mean, np.sqrt(np.maximum(sq - mean**2, 1e-6))
+
+
 def encode_labels(adata: ad.AnnData, label_key: str | None) -> tuple[np.ndarray | None, list[str]]:
     """Integer codes and category names of ``obs[label_key]`` (None, [] without a key)."""
     if label_key is None:
@@ -210,37 +217,100 @@ def highly_variable(logx: sp.csr_matrix, n_top_genes: int) -> np.ndarray:
 
     tmp = ad.AnnData(logx)
     sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
-    # scanpy keeps every gene tied with the n-th (e.g. genes alone in their mean bin all get
-    # dispersion_norm 1), so it can return more than asked: rank and cut at exactly n,
-    # ties broken by raw dispersion, then gene order.
-    norm = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(np.float64), nan=-np.inf)
-    raw = np.nan_to_num(tmp.var["dispersions"].to_numpy(np.float64), nan=-np.inf)
+    return top_genes(tmp.var["dispersions_norm"].to_numpy(), tmp.var["dispersions"].to_numpy(), n_top_genes)
+
+
+def top_genes(dispersions_norm: np.ndarray, dispersions: np.ndarray, n_top_genes: int) -> np.ndarray:
+    """Indices (sorted) of the ``n_top_genes`` genes with the highest normalized dispersion.
+
+    scanpy keeps every gene tied with the n-th (e.g. genes alone in their mean bin all get
+    dispersion_norm 1), so it can return more than asked: rank and cut at exactly n,
+    ties broken by raw dispersion, then gene order. NaN ranks last.
+    """
+    norm = np.nan_to_num(np.asarray(dispersions_norm, np.float64), nan=-np.inf)
+    raw = np.nan_to_num(np.asarray(dispersions, np.float64), nan=-np.inf)
     order = np.lexsort((np.arange(len(norm)), -raw, -norm))
     return np.sort(order[:n_top_genes])
 
 
-class CellBatches:
-    """Shuffled mini-batches of model-space tensors, densifying one sparse batch at a time."""
+CHUNK_CELLS = 2048  # consecutive cells read together: one contiguous block of a file
+WINDOW_CHUNKS = 16  # chunks shuffled together: at most 32768 cells held at once
 
-    def __init__(self, logx: sp.csr_matrix, labels: np.ndarray | None, pre: Preprocessor, batch_size: int):
+
+def epoch_windows(
+    n_obs: int, seed: int, epoch: int, chunk_cells: int = CHUNK_CELLS, window_chunks: int = WINDOW_CHUNKS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch's cell order as windows, a pure function of (n_obs, seed, epoch, chunk sizes).
+
+    The cells are cut into chunks of ``chunk_cells`` consecutive cells; the chunks are put in
+    random order and taken ``window_chunks`` at a time. Yields, per window, the chunk ids in
+    reading order and a permutation of the window's cells (positions in the concatenation
+    of those chunks): the order in which they are trained on.
+    """
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    chunks = torch.randperm(-(-n_obs // chunk_cells), generator=g).numpy()
+    for w in range(0, len(chunks), window_chunks):
+        ids = chunks[w : w + window_chunks]
+        size = sum(min(chunk_cells, n_obs - c * chunk_cells) for c in ids)
+        yield ids, torch.randperm(size, generator=g).numpy()
+
+
+class CellBatches:
+    """Shuffled mini-batches of model-space tensors, densifying one sparse batch at a time.
+
+    ``logx`` is the log-normalized cells x kept genes matrix: a CSR matrix in memory, or any
+    object with ``.shape`` whose row slices ``logx[a:b]`` are CSR (``wbdit.streaming.BackedRows``
+    reads them from an ``.h5ad`` file). Both are read in the order of ``epoch_windows``, so an
+    in-memory and a backed run see identical batches, and only one window of cells (plus one
+    batch) is held at a time.
+    """
+
+    def __init__(
+        self, logx, labels: np.ndarray | None, pre: Preprocessor, batch_size: int,
+        chunk_cells: int = CHUNK_CELLS, window_chunks: int = WINDOW_CHUNKS,
+    ):
         if logx.shape[0] == 0:
             raise ValueError("no cells to train on")
         self.logx, self.labels, self.pre = logx, labels, pre
         self.batch_size = min(batch_size, logx.shape[0])
+        self.chunk_cells, self.window_chunks = chunk_cells, window_chunks
 
     def __len__(self) -> int:
         return self.logx.shape[0] // self.batch_size  # drop the ragged last batch: stable batch shapes
 
-    def epoch(self, seed: int, epoch: int, device: torch.device | str) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Batches of one epoch in an order fixed by (seed, epoch), so a resumed run repeats it."""
-        order = torch.randperm(self.logx.shape[0], generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        for i in range(len(self)):
-            with nvtx_range("data_load"):  # closed before the yield: the range covers loading only
-                idx = np.sort(order[i * self.batch_size : (i + 1) * self.batch_size].numpy())
-                x = torch.from_numpy(self.logx[idx].toarray()).to(device)
-                y = None if self.labels is None else torch.from_numpy(self.labels[idx]).to(device)
-                batch = self.pre.transform(x), y
-            yield batch
+    def epoch(
+        self, seed: int, epoch: int, device: torch.device | str, start: int = 0, rows: slice = slice(None)
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Batches of one epoch in an order fixed by (seed, epoch), so a resumed run repeats it.
+
+        ``start`` skips the epoch's first batches without reading them (resuming mid-epoch);
+        ``rows`` keeps those rows of each batch (a distributed rank's share of the global batch).
+        Yields x (rows, n_genes) float32 in model space and labels (rows,) int64 or None.
+        """
+        n, size, skip, c = self.logx.shape[0], self.batch_size, start * self.batch_size, self.chunk_cells
+        ids, part = np.empty(0, np.int64), None  # the cells of a batch begun in the previous window
+        end, b = 0, start
+        for chunks, perm in epoch_windows(n, seed, epoch, c, self.window_chunks):
+            begin, end = end, end + len(perm)
+            if end <= skip:
+                continue  # every cell of this window belongs to a batch already trained on
+            if b >= len(self):
+                break
+            with nvtx_range("data_load"):
+                window = sp.vstack([self.logx[k * c : min((k + 1) * c, n)] for k in chunks], format="csr")
+                cells = np.concatenate([np.arange(k * c, min((k + 1) * c, n)) for k in chunks])
+            perm = perm[max(skip - begin, 0):]
+            while b < len(self) and len(perm):
+                take, perm = perm[: size - len(ids)], perm[size - len(ids):]
+                ids = np.concatenate([ids, cells[take]])
+                part = window[take] if part is None else sp.vstack([part, window[take]], format="csr")
+                if len(ids) == size:
+                    with nvtx_range("data_load"):  # closed before the yield: the range covers loading only
+                        x = torch.from_numpy(part[rows].toarray()).to(device)
+                        y = None if self.labels is None else torch.from_numpy(self.labels[ids[rows]]).to(device)
+                        batch = self.pre.transform(x), y
+                    yield batch
+                    ids, part, b = ids[:0], None, b + 1
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike) -> None:
