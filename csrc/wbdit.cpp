@@ -1,0 +1,263 @@
+// wbdit._C: operator schemas, the Python module stub, and the CPU kernels of the input path.
+//
+// Ops (namespace wbdit); each must equal its plain-PyTorch spec in wbdit/reference.py.
+//
+// patch_embed(x (B,G), W (H,p), b (H,), P (N,H)) -> out (B,N,H)
+//   xpad[b, i] = x[b, i] for i < G, 0 for G <= i < N*p          (F.pad, or a crop if N*p < G)
+//   out[b,n,h] = b[h] + P[n,h] + sum_{j<p} xpad[b, n*p + j] * W[h,j]
+// patch_embed_backward(dout (B,N,H), x, W) -> (dx (B,G), dW (H,p), db (H,))   (P is frozen)
+//   dx[b, n*p+j] = sum_h dout[b,n,h] * W[h,j]            (0 where n*p+j >= N*p)
+//   dW[h, j]     = sum_{b,n} dout[b,n,h] * xpad[b, n*p+j]
+//   db[h]        = sum_{b,n} dout[b,n,h]
+// timestep_embedding(t (B,), dim, max_period) -> (B, dim) float32, half = dim / 2
+//   f_k = exp(-ln(max_period) * k / half), k < half, in float32
+//   out[b, k] = cos(float(t[b]) * f_k),  out[b, half + k] = sin(float(t[b]) * f_k)
+//
+// The CPU kernels make one pass over the (B*N, H) activations where the reference makes
+// three (GEMM, bias, + pos) forward and three (two GEMMs and a sum) backward.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "wbdit.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace wbdit {
+
+void check_patch_embed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const at::Tensor& pos_embed) {
+  TORCH_CHECK(x.dim() == 2, "patch_embed: x must be (B, G), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) >= 1, "patch_embed: weight must be (H, p), got ",
+              weight.sizes());
+  const int64_t H = weight.size(0);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == H, "patch_embed: bias must be (", H, ",), got ",
+              bias.sizes());
+  TORCH_CHECK(pos_embed.dim() == 2 && pos_embed.size(1) == H, "patch_embed: pos_embed must be (N, ", H,
+              "), got ", pos_embed.sizes());
+  for (const at::Tensor* t : {&weight, &bias, &pos_embed}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "patch_embed: all inputs must have x's dtype ",
+                x.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), "patch_embed: all inputs must be on ", x.device());
+  }
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "patch_embed: floating-point inputs only");
+}
+
+void check_patch_embed_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "patch_embed_backward: x must be (B, G) and weight (H, p)");
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(2) == weight.size(0),
+              "patch_embed_backward: grad must be (B, N, H) = (", x.size(0), ", N, ", weight.size(0), "), got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "patch_embed_backward: grad, x and weight must share one dtype");
+  TORCH_CHECK(grad.device() == x.device() && weight.device() == x.device(),
+              "patch_embed_backward: grad, x and weight must be on one device");
+}
+
+void check_timestep_embedding(const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == 1, "timestep_embedding: t must be (B,), got ", t.sizes());
+  TORCH_CHECK(dim > 0 && dim % 2 == 0, "timestep embedding dim must be even, got ", dim);
+  TORCH_CHECK(t.scalar_type() != at::kBool && !at::isComplexType(t.scalar_type()),
+              "timestep_embedding: t must be an integer or floating tensor");
+}
+
+namespace {
+
+// Lane-parallel dot product: each of the L lanes sums in order, so the compiler may keep the
+// lanes in SIMD registers without reassociating a single serial sum (no -ffast-math needed).
+template <typename acc_t>
+inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
+  constexpr int L = 16;
+  acc_t lanes[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  acc_t s = 0;
+  for (int l = 0; l < L; ++l) s += lanes[l];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// W (H, p) -> W^T (p, H) in the accumulation type: every row of the activations is combined
+// with W along h, and a contiguous h makes those loops stream and vectorize.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> transposed_weight(const scalar_t* w, int64_t H, int64_t p) {
+  std::vector<acc_t> wt(p * H);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < p; ++j) wt[j * H + h] = static_cast<acc_t>(w[h * p + j]);
+  return wt;
+}
+
+// Rows (b, n) per task: enough work per task that at::parallel_for's overhead is small.
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
+
+template <typename scalar_t>
+void patch_embed_cpu_kernel(const scalar_t* x, const scalar_t* w, const scalar_t* bias, const scalar_t* pos,
+                            scalar_t* out, int64_t B, int64_t G, int64_t N, int64_t H, int64_t p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<acc_t> wt = transposed_weight<scalar_t, acc_t>(w, H, p);
+  // bias + pos (N, H) once, shared by all B rows of each token.
+  std::vector<acc_t> bp(N * H);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h)
+      bp[n * H + h] = static_cast<acc_t>(bias[h]) + static_cast<acc_t>(pos[n * H + h]);
+
+  at::parallel_for(0, B * N, row_grain(H), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc_row(H);
+    acc_t* __restrict__ acc = acc_row.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / N, n = r % N;
+      const acc_t* __restrict__ bpn = bp.data() + n * H;
+      for (int64_t h = 0; h < H; ++h) acc[h] = bpn[h];
+      // Genes past G are the zero padding: they add nothing, so the loop stops at G.
+      const int64_t jmax = std::min<int64_t>(p, G - n * p);
+      for (int64_t j = 0; j < jmax; ++j) {
+        const acc_t xv = static_cast<acc_t>(x[b * G + n * p + j]);
+        const acc_t* __restrict__ wj = wt.data() + j * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += xv * wj[h];
+      }
+      scalar_t* __restrict__ o = out + r * H;
+      for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(acc[h]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void patch_embed_backward_cpu_kernel(const scalar_t* grad, const scalar_t* x, const scalar_t* w, scalar_t* dx,
+                                     scalar_t* dw, scalar_t* db, int64_t B, int64_t G, int64_t N, int64_t H,
+                                     int64_t p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<acc_t> wt = transposed_weight<scalar_t, acc_t>(w, H, p);
+  const int64_t rows = B * N;
+  // dW and db are sums over all rows: each chunk of rows keeps its own partial (dW^T, db), and
+  // the partials are added in chunk order afterwards, so the result does not depend on which
+  // thread ran which chunk.
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), (rows + row_grain(H) - 1) / row_grain(H)));
+  std::vector<acc_t> partial(chunks * (p + 1) * H, acc_t(0));
+
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    std::vector<acc_t> g_row(H);
+    acc_t* __restrict__ g = g_row.data();
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      acc_t* __restrict__ dwt = partial.data() + c * (p + 1) * H;
+      acc_t* __restrict__ dbc = dwt + p * H;
+      for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
+        const int64_t b = r / N, n = r % N;
+        const scalar_t* gr = grad + r * H;
+        for (int64_t h = 0; h < H; ++h) g[h] = static_cast<acc_t>(gr[h]);
+        for (int64_t h = 0; h < H; ++h) dbc[h] += g[h];
+        const int64_t jmax = std::min<int64_t>(p, G - n * p);
+        for (int64_t j = 0; j < jmax; ++j) {
+          const int64_t gi = b * G + n * p + j;
+          dx[gi] = static_cast<scalar_t>(dot(g, wt.data() + j * H, H));
+          const acc_t xv = static_cast<acc_t>(x[gi]);
+          acc_t* __restrict__ dwj = dwt + j * H;
+          for (int64_t h = 0; h < H; ++h) dwj[h] += xv * g[h];
+        }
+      }
+    }
+  });
+
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t j = 0; j < p; ++j) {
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[(c * (p + 1) + j) * H + h];
+      dw[h * p + j] = static_cast<scalar_t>(s);
+    }
+    acc_t s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += partial[(c * (p + 1) + p) * H + h];
+    db[h] = static_cast<scalar_t>(s);
+  }
+}
+
+at::Tensor patch_embed_cpu(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& bias_,
+                           const at::Tensor& pos_embed_) {
+  check_patch_embed(x_, weight_, bias_, pos_embed_);
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), bias = bias_.contiguous(),
+                   pos = pos_embed_.contiguous();
+  const int64_t B = x.size(0), G = x.size(1), H = weight.size(0), p = weight.size(1), N = pos.size(0);
+  at::Tensor out = at::empty({B, N, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "patch_embed_cpu", [&] {
+    patch_embed_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                                     bias.const_data_ptr<scalar_t>(), pos.const_data_ptr<scalar_t>(),
+                                     out.mutable_data_ptr<scalar_t>(), B, G, N, H, p);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cpu(const at::Tensor& grad_,
+                                                                        const at::Tensor& x_,
+                                                                        const at::Tensor& weight_) {
+  check_patch_embed_backward(grad_, x_, weight_);
+  const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
+  const int64_t B = x.size(0), G = x.size(1), H = weight.size(0), p = weight.size(1);
+  const int64_t N = grad.size(1);
+  // Genes cropped away (N*p < G) get no gradient; the kernel writes only genes < N*p.
+  at::Tensor dx = N * p < G ? at::zeros_like(x) : at::empty_like(x);
+  at::Tensor dw = at::empty_like(weight), db = at::empty({H}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "patch_embed_backward_cpu", [&] {
+    patch_embed_backward_cpu_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                              weight.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+                                              dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>(), B,
+                                              G, N, H, p);
+  });
+  return {dx, dw, db};
+}
+
+at::Tensor timestep_embedding_cpu(const at::Tensor& t_, int64_t dim, double max_period) {
+  check_timestep_embedding(t_, dim);
+  const int64_t B = t_.size(0), half = dim / 2;
+  // The frequencies come from the reference's own ATen ops: torch's vectorized exp and libm's
+  // expf differ in the last bit for about 1% of arguments, and one ulp of f_k moves t * f_k by
+  // t * 6e-8, which is visible for large t. The table is only `half` floats.
+  const at::Tensor freqs =
+      at::exp(at::arange(half, t_.options().dtype(at::kFloat)) * (-std::log(max_period)) / half).contiguous();
+  const at::Tensor t = t_.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, dim}, t_.options().dtype(at::kFloat));
+  const float* __restrict__ f = freqs.const_data_ptr<float>();
+  const float* tp = t.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float tb = tp[b];
+      float* __restrict__ row = op + b * dim;
+      for (int64_t k = 0; k < half; ++k) {
+        const float a = tb * f[k];
+        row[k] = std::cos(a);
+        row[half + k] = std::sin(a);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(wbdit, m) {
+  m.def("patch_embed(Tensor x, Tensor weight, Tensor bias, Tensor pos_embed) -> Tensor");
+  m.def("patch_embed_backward(Tensor grad, Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor)");
+  m.def("timestep_embedding(Tensor t, int dim, float max_period) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(wbdit, CPU, m) {
+  m.impl("patch_embed", &patch_embed_cpu);
+  m.impl("patch_embed_backward", &patch_embed_backward_cpu);
+  m.impl("timestep_embedding", &timestep_embedding_cpu);
+}
+
+}  // namespace wbdit
+
+// `import wbdit._C` only has to load this library so that the registrations above run; the ops
+// are called through torch.ops.wbdit, so the module itself stays empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
