@@ -168,8 +168,8 @@ def train(
 ) -> Run:
     """Train ``model`` on ``adata`` and return the ``Run`` (also written to ``out_dir``).
 
-    ``model`` is a model, a factory ``(n_genes, num_classes) -> model`` called once the
-    preprocessing fixed the gene count, or None for a "small" WhiteBoxDiT. Keyword ``overrides``
+    ``model`` is a model, a factory ``(n_genes, num_classes) -> model`` called (seeded with
+    ``config.seed``) once the preprocessing fixed the gene count, or None for a "small" WhiteBoxDiT. Keyword ``overrides``
     set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...). ``resume=True`` continues the
     run in ``out_dir`` exactly where its last checkpoint stopped. ``hook`` receives step and
     epoch callbacks (``TrainHook``).
@@ -181,7 +181,9 @@ def train(
     pre, logx, labels = Preprocessor.fit(adata, label_key, layer, n_top_genes, scaling)
     if not isinstance(model, _GeneDiT):
         factory = model or (lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **PRESETS["small"]))
-        model = factory(pre.n_genes, len(pre.categories) or None)
+        with torch.random.fork_rng(devices=[]):  # initial weights follow config.seed, global RNG untouched
+            torch.manual_seed(config.seed)
+            model = factory(pre.n_genes, len(pre.categories) or None)
     _check_model_fits(model, pre)
     model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
