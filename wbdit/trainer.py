@@ -2,7 +2,11 @@
 
 A run directory holds ``checkpoint.pt`` (model, EMA, optimizer, RNG, preprocessing,
 diffusion and model config) and ``log.jsonl`` (one JSON line per epoch). ``Run.load``
-turns it back into a model ready to sample.
+turns it back into a model ready to sample. Checkpoints can also be taken every
+``checkpoint_every`` steps: a resumed run continues inside the epoch at the next batch.
+
+Under ``torchrun`` the same code trains with DistributedDataParallel (``wbdit.distributed``);
+an AnnData opened with ``backed=True`` is streamed from disk (``wbdit.streaming``).
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ import anndata as ad
 import torch
 from tqdm.auto import tqdm
 
+from wbdit import distributed
 from wbdit.atomic import atomic_path
 from wbdit.data import CellBatches, Preprocessor
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import PRESETS, WhiteBoxDiT, _GeneDiT, arch_name, build_model
 from wbdit.profiling import nvtx_range
+from wbdit.streaming import fit_backed
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -44,6 +50,11 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0
     eval_cells: int = 500
+    checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
+    max_steps: int = 0  # stop (and checkpoint) after this many steps in all (0: no limit)
+
+
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "max_steps")  # may differ when resuming
 
 
 @dataclass
@@ -127,15 +138,19 @@ def train_step(
     grad_clip: float = 1.0,
     ema: torch.nn.Module | None = None,
     ema_decay: float = 0.0,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimisation step on x (B, n_genes) and labels y (B,) or None; returns the 0-d loss.
+
+    ``t`` (B,) and ``noise`` (B, n_genes) are drawn from ``generator`` unless given.
 
     Forward and loss under ``autocast_for(x.device)``, backward, gradient-norm clipping when
     ``grad_clip`` > 0, the optimizer step, then ``ema <- lerp(ema, model, 1 - ema_decay)``
     when ``ema`` is given. Nothing here synchronizes with the GPU.
     """
     with nvtx_range("forward"), autocast_for(x.device):
-        loss = diffusion.training_loss(model, x, y, generator)
+        loss = diffusion.training_loss(model, x, y, generator, t, noise)
     with nvtx_range("backward"):
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,13 +187,18 @@ def train(
     ``config.seed``) once the preprocessing fixed the gene count, or None for a "small" WhiteBoxDiT. Keyword ``overrides``
     set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...). ``resume=True`` continues the
     run in ``out_dir`` exactly where its last checkpoint stopped. ``hook`` receives step and
-    epoch callbacks (``TrainHook``).
+    epoch callbacks (``TrainHook``). An ``adata`` opened with ``backed=True`` is preprocessed
+    and read in chunks from its file (``wbdit.streaming``). Under torchrun every process calls
+    this; ``config.batch_size`` is the global batch, split across processes.
     """
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     device = torch.device(device) if device is not None else default_device()
+    dist = distributed.setup(device)  # under torchrun: join the process group; cuda -> cuda:LOCAL_RANK
+    device = dist.device
     diffusion = diffusion or GaussianDiffusion()
     out_dir = Path(out_dir)
-    pre, logx, labels = Preprocessor.fit(adata, label_key, layer, n_top_genes, scaling)
+    fit = fit_backed if adata.isbacked else Preprocessor.fit
+    pre, logx, labels = fit(adata, label_key, layer, n_top_genes, scaling)
     if not isinstance(model, _GeneDiT):
         factory = model or (lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **PRESETS["small"]))
         with torch.random.fork_rng(devices=[]):  # initial weights follow config.seed, global RNG untouched
@@ -186,12 +206,13 @@ def train(
             model = factory(pre.n_genes, len(pre.categories) or None)
     _check_model_fits(model, pre)
     model = model.to(device)
+    net = dist.wrap(model)  # DistributedDataParallel over ranks: rank 0's weights everywhere
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     meta = dict(arch=arch_name(model), model_config=model.config, diffusion=diffusion.config,
                 preprocessor=pre.to_dict(), train_config=asdict(config))
-    start_epoch, step = 0, 0
+    start_epoch, step, start_batch, partial = 0, 0, 0, (0.0, 0)
     if resume:
         ckpt = load_checkpoint(out_dir)
         _check_resumable(ckpt, meta)
@@ -200,47 +221,73 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        _truncate_log(out_dir, start_epoch)
+        start_batch, partial = ckpt.get("batch", 0), tuple(ckpt.get("epoch_loss", partial))
+        if dist.is_main:
+            _truncate_log(out_dir, start_epoch)
     elif (out_dir / CHECKPOINT).exists():
         raise FileExistsError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another out_dir")
 
+    def checkpoint(epochs_done: int, batch: int, epoch_loss: tuple[float, int], record: dict | None = None) -> None:
+        """Rank 0 saves (``batch`` batches of epoch ``epochs_done`` done) and logs ``record``; all wait."""
+        if dist.is_main:
+            _save_checkpoint(out_dir, dict(meta, format=FORMAT_VERSION, model=model.state_dict(), ema=ema.state_dict(),
+                                           optimizer=opt.state_dict(), rng=gen.get_state(), epoch=epochs_done,
+                                           step=step, batch=batch, epoch_loss=epoch_loss))
+            if record is not None:
+                with open(out_dir / LOG, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        dist.barrier()
+
     batches = CellBatches(logx, labels, pre, config.batch_size)
-    null = len(pre.categories)
+    size, rows, null = batches.batch_size, dist.shard(batches.batch_size), len(pre.categories)
+    epochs_done = start_epoch
     for epoch in range(start_epoch, config.epochs):
+        if config.max_steps and step >= config.max_steps:
+            break
         model.train()
-        t0, total, n = time.perf_counter(), 0.0, 0
-        it = tqdm(batches.epoch(config.seed, epoch, device), total=len(batches), disable=not progress,
-                  desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
-        for x, y in it:
+        first = start_batch if epoch == start_epoch else 0  # a resumed epoch continues at its next batch
+        total, n = partial if epoch == start_epoch else (0.0, 0)
+        t0, n0 = time.perf_counter(), n
+        it = tqdm(batches.epoch(config.seed, epoch, device, start=first, rows=rows), total=len(batches) - first,
+                  disable=not (progress and dist.is_main), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        b = first  # batches of this epoch done
+        for b, (x, y) in enumerate(it, start=first + 1):
+            # Draws for the whole global batch, the same on every rank; each rank keeps its rows.
             if y is not None and config.label_dropout > 0:  # classifier-free guidance: learn p(x) too
-                drop = torch.rand(y.shape, device=device, generator=gen) < config.label_dropout
+                drop = torch.rand((size,), device=device, generator=gen)[rows] < config.label_dropout
                 y = torch.where(drop, torch.full_like(y, null), y)
+            t, noise = diffusion.draw_t_noise(size, pre.n_genes, gen, device)
             for group in opt.param_groups:
                 group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-            loss = train_step(model, opt, diffusion, x, y, gen, config.grad_clip,
-                              ema, min(config.ema_decay, (1 + step) / (10 + step)))
+            loss = dist.mean(train_step(net, opt, diffusion, x, y, gen, config.grad_clip,
+                                        ema, min(config.ema_decay, (1 + step) / (10 + step)), t[rows], noise[rows]))
             step += 1
             if hook is not None:
                 hook.on_step_end(step, loss)
-            total += loss.item() * x.shape[0]
-            n += x.shape[0]
+            total += loss.item() * size
+            n += size
             it.set_postfix(loss=f"{loss.item():.4f}")
+            stop = config.max_steps and step >= config.max_steps
+            if b < len(batches) and (stop or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                checkpoint(epoch, b, (total, n))  # the epoch's last batch is checkpointed with the epoch
+            if stop:
+                break
+        if b < len(batches):
+            break  # max_steps reached inside the epoch
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        record = dict(epoch=epoch + 1, step=step, loss=total / max(n, 1), epoch_time_s=dt, cells_per_s=n / dt)
-        if config.eval_every and (epoch + 1) % config.eval_every == 0:
+        record = dict(epoch=epoch + 1, step=step, loss=total / max(n, 1), epoch_time_s=dt, cells_per_s=(n - n0) / dt)
+        if config.eval_every and (epoch + 1) % config.eval_every == 0 and dist.is_main:
             run = Run(out_dir, ema, pre, diffusion, config, epoch + 1, [])
             record["eval"] = _evaluate_during_training(run, eval_data if eval_data is not None else adata, config, device)
         if hook is not None:
             hook.on_epoch_end(record)
-        _save_checkpoint(out_dir, dict(meta, format=FORMAT_VERSION, model=model.state_dict(), ema=ema.state_dict(),
-                                       optimizer=opt.state_dict(), rng=gen.get_state(), epoch=epoch + 1, step=step))
-        with open(out_dir / LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if progress:
+        checkpoint(epoch + 1, 0, (0.0, 0), record)
+        epochs_done = epoch + 1
+        if progress and dist.is_main:
             tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}  {dt:.1f}s  {record['cells_per_s']:.0f} cells/s")
-    return Run(out_dir, ema, pre, diffusion, config, config.epochs, read_log(out_dir))
+    return Run(out_dir, ema, pre, diffusion, config, epochs_done, read_log(out_dir))
 
 
 @torch.no_grad()
@@ -263,8 +310,8 @@ def _check_resumable(ckpt: dict, meta: dict) -> None:
             raise ValueError(f"cannot resume: checkpoint {key} {ckpt[key]} differs from this run's {meta[key]}")
     if ckpt["preprocessor"]["var_names"] != meta["preprocessor"]["var_names"]:
         raise ValueError("cannot resume: the checkpoint was trained on other genes")
-    old = {k: v for k, v in ckpt["train_config"].items() if k != "epochs"}
-    new = {k: v for k, v in meta["train_config"].items() if k != "epochs"}
+    old = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["train_config"]}.items() if k not in RESUMABLE_CHANGES}
+    new = {k: v for k, v in meta["train_config"].items() if k not in RESUMABLE_CHANGES}
     if old != new:
         diff = {k: (old[k], new[k]) for k in old if old[k] != new.get(k)}
         raise ValueError(f"cannot resume: training settings differ from the checkpoint's (old, new): {diff}")
