@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from wbdit.model import PRESETS, build_model
     from wbdit.trainer import TrainConfig, train
 
-    adata = read_h5ad(args.data)
+    adata = read_h5ad(args.data, backed=args.backed)
     size = {**PRESETS[args.preset], **{k: v for k, v in dict(
         patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
     ).items() if v is not None}}
@@ -37,13 +38,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         return build_model(args.arch, n_genes=n_genes, num_classes=num_classes, fused=args.fused, **size)
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         ema_decay=args.ema_decay, eval_every=args.eval_every, warmup_steps=args.warmup_steps)
+                         ema_decay=args.ema_decay, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
+                         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
     run = train(adata, model, label_key=args.label_key, out_dir=args.out, config=config,
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
                 layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, resume=args.resume,
                 device=args.device)
     last = run.history[-1] if run.history else {}
-    print(f"trained {run.epoch} epochs -> {args.out} (loss {last.get('loss', float('nan')):.4f})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+        print(f"trained {run.epoch} epochs -> {args.out} (loss {last.get('loss', float('nan')):.4f})")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -147,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every K epochs (0: never)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also checkpoint every STEPS steps; --resume continues inside the epoch (0: epoch ends only)")
+    t.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
+    t.add_argument("--backed", action="store_true",
+                   help="stream the .h5ad from disk in chunks instead of loading it (for files larger than memory)")
     t.add_argument("--fused", action="store_true", help="use the fused kernels")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.set_defaults(func=cmd_train)
