@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from wbdit import distributed
 from wbdit.atomic import atomic_path
-from wbdit.data import CellBatches, Preprocessor
+from wbdit.data import CHUNK_CELLS, WINDOW_CHUNKS, CellBatches, Preprocessor
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import PRESETS, WhiteBoxDiT, _GeneDiT, arch_name, build_model
 from wbdit.profiling import nvtx_range
@@ -52,6 +52,8 @@ class TrainConfig:
     eval_cells: int = 500
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
     max_steps: int = 0  # stop (and checkpoint) after this many steps in all (0: no limit)
+    chunk_cells: int = CHUNK_CELLS  # batch order: chunks of consecutive cells in random order,
+    window_chunks: int = WINDOW_CHUNKS  # shuffled together this many chunks at a time (data.epoch_windows)
 
 
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "max_steps")  # may differ when resuming
@@ -238,7 +240,7 @@ def train(
                     f.write(json.dumps(record) + "\n")
         dist.barrier()
 
-    batches = CellBatches(logx, labels, pre, config.batch_size)
+    batches = CellBatches(logx, labels, pre, config.batch_size, config.chunk_cells, config.window_chunks)
     size, rows, null = batches.batch_size, dist.shard(batches.batch_size), len(pre.categories)
     epochs_done = start_epoch
     for epoch in range(start_epoch, config.epochs):
