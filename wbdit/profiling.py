@@ -178,7 +178,7 @@ def profile_training(
     """Profile ``warmup + steps`` steps of ``wbdit.train`` on simulated cells; return a summary.
 
     The data are ``batch_size * (warmup + steps)`` cells of ``wbdit.datasets.synthetic`` with
-    ``n_genes`` genes and 10 cell types, trained for one epoch, so every step is the real
+    ``n_genes`` genes and 10 cell types (fewer below 100 genes), trained for one epoch, so every step is the real
     trainer's (data loading, bf16 autocast on CUDA, backward, clipping, AdamW, EMA).
     Defaults: the seed configuration (``preset="seed"``) at batch 256 on CUDA, the
     ``"small"`` preset at batch 32 on CPU.
@@ -205,9 +205,10 @@ def profile_training(
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "run", ignore_errors=True)  # the throwaway checkpoint of the profiled epoch
 
-    adata = datasets.synthetic(batch_size * (warmup + steps), n_genes, n_types=10, seed=seed)
+    n_types = max(1, min(10, n_genes // 10))  # synthetic() gives each type 10 marker genes
+    adata = datasets.synthetic(batch_size * (warmup + steps), n_genes, n_types=n_types, seed=seed)
     torch.manual_seed(seed)
-    model = build_model(arch, n_genes=n_genes, num_classes=10, fused=fused, **size)
+    model = build_model(arch, n_genes=n_genes, num_classes=n_types, fused=fused, **size)
     config = TrainConfig(epochs=1, batch_size=batch_size, seed=seed)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     trace = out / "trace.json"
