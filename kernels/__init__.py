@@ -10,8 +10,7 @@ package raises ImportError when Triton is not installed.
 """
 import triton  # noqa: F401  (fail at import, cleanly, when Triton is missing)
 
-from .ista import ista
-from .mssa import mssa
+from . import ista, mssa
 
 __all__ = ["ista", "mssa", "register_ops"]
 
@@ -20,5 +19,5 @@ def register_ops(register, supports) -> None:
     """Register the Triton implementations with a dispatcher: ``register(op, name, supports,
     priority)`` returns a decorator (``wbdit.ops.register``); ``supports(*args)`` says whether
     Triton can run on the arguments (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    register("mssa", "triton", supports, priority=10)(mssa)
-    register("ista", "triton", supports, priority=10)(ista)
+    register("mssa", "triton", supports, priority=10)(mssa.mssa)
+    register("ista", "triton", supports, priority=10)(ista.ista)

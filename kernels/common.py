@@ -33,6 +33,12 @@ class KernelSpec(NamedTuple):
         self.kernel[grid](*args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+def int_arg(value: int) -> str:
+    """Triton type of an int32 kernel argument with this value, with the divisibility-by-16 hint
+    the JIT would specialize on (``"i32:16"``), so ahead-of-time builds match real launches."""
+    return "i32:16" if value % 16 == 0 else "i32"
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on CPU tensors through its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -40,12 +46,6 @@ def interpreting() -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
-
-
-def tile(n: int, cap: int) -> int:
-    """Block size for a dimension of extent n: a power of two, at least 16 (tl.dot's minimum)
-    and at most ``cap``; masks cover the part of the block past n."""
-    return max(16, min(cap, next_pow2(n)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

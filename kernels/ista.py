@@ -47,8 +47,8 @@ from .common import (
     autocast_inputs,
     check_device,
     dot_precision,
+    int_arg,
     interpreter_upcast,
-    tile,
 )
 
 
@@ -207,16 +207,15 @@ class IstaShape(NamedTuple):
 
 
 def _gemm_constexprs(shape: IstaShape) -> tuple[dict, int]:
-    """Tile of the four (M, H) x (H, H) GEMM kernels, and their warp count.
+    """Tile of the four (M, H) x (H, H) GEMM kernels, and their warp count (3 stages).
 
-    16-bit: 128 x 128 output tiles, K steps of 64, 8 warps, 3 stages (96 KiB of shared memory).
-    fp32 (tf32x3, twice the operand bytes): 64 x 64, K steps of 32, 4 warps.
+    16-bit: 128 x 128 output tiles, K steps of 64, 8 warps (96 KiB of shared memory on sm_90a).
+    fp32 (tf32x3: high and low tf32 parts, twice the operand registers): 64 x 64, K steps of 16,
+    4 warps. Only the dtype enters: masks handle any M and H.
     """
-    wide = shape.dtype != torch.float32
-    bm, bn, bk = (128, 128, 64) if wide else (64, 64, 32)
-    consts = {"BLOCK_M": tile(shape.rows, bm), "BLOCK_N": tile(shape.width, bn), "BLOCK_K": tile(shape.width, bk),
-              "DOT_PRECISION": dot_precision(shape.dtype)}
-    return consts, 8 if wide else 4
+    if shape.dtype != torch.float32:
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "DOT_PRECISION": dot_precision(shape.dtype)}, 8
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "DOT_PRECISION": dot_precision(shape.dtype)}, 4
 
 
 def dd_splits(shape: IstaShape, block_n: int, block_k: int) -> int:
@@ -229,12 +228,13 @@ def dd_splits(shape: IstaShape, block_n: int, block_k: int) -> int:
 def forward_specs(shape: IstaShape) -> list[KernelSpec]:
     """The two forward launches (residual, step) for ``shape``."""
     t = f"*{TRITON_DTYPE[shape.dtype]}"
+    mh = {"M": int_arg(shape.rows), "H": int_arg(shape.width)}
     consts, warps = _gemm_constexprs(shape)
     return [
         KernelSpec("ista_residual", _ista_residual_kernel,
-                   {"x_ptr": t, "d_ptr": t, "r_ptr": t, "M": "i32", "H": "i32"}, consts, warps, 3),
+                   {"x_ptr": t, "d_ptr": t, "r_ptr": t, **mh}, consts, warps, 3),
         KernelSpec("ista_step", _ista_step_kernel,
-                   {"x_ptr": t, "r_ptr": t, "d_ptr": t, "out_ptr": t, "M": "i32", "H": "i32",
+                   {"x_ptr": t, "r_ptr": t, "d_ptr": t, "out_ptr": t, **mh,
                     "eta": "fp32", "threshold": "fp32"}, consts, warps, 3),
     ]
 
@@ -242,26 +242,27 @@ def forward_specs(shape: IstaShape) -> list[KernelSpec]:
 def backward_specs(shape: IstaShape) -> list[KernelSpec]:
     """The three backward launches (s, dx, dD) for ``shape``.
 
-    dD tiles are (128, 128) in 16-bit / (64, 64) in fp32 output elements with 32-row reduction
-    steps: five operand tiles are read per step, so the output tile is what sets the reuse.
+    dD tiles are (128, 128) in 16-bit / (64, 64) in fp32 output elements with 16-row reduction
+    steps (the largest spill-free on sm_80): five operand tiles are read per step, so the output
+    tile is what sets the reuse.
     """
     t = f"*{TRITON_DTYPE[shape.dtype]}"
+    mh = {"M": int_arg(shape.rows), "H": int_arg(shape.width)}
     consts, warps = _gemm_constexprs(shape)
     wide = shape.dtype != torch.float32
     dd_tile = 128 if wide else 64
-    dd_consts = {"BLOCK_M": tile(shape.rows, 32), "BLOCK_N": tile(shape.width, dd_tile),
-                 "BLOCK_K": tile(shape.width, dd_tile), "DOT_PRECISION": dot_precision(shape.dtype)}
+    dd_consts = {"BLOCK_M": 16, "BLOCK_N": dd_tile, "BLOCK_K": dd_tile, "DOT_PRECISION": dot_precision(shape.dtype)}
     splits = dd_splits(shape, dd_consts["BLOCK_N"], dd_consts["BLOCK_K"])
     dd_type = t if splits == 1 else "*fp32"
     return [
         KernelSpec("ista_bwd_s", _ista_bwd_s_kernel,
-                   {"dout_ptr": t, "out_ptr": t, "d_ptr": t, "s_ptr": t, "M": "i32", "H": "i32"}, consts, warps, 3),
+                   {"dout_ptr": t, "out_ptr": t, "d_ptr": t, "s_ptr": t, **mh}, consts, warps, 3),
         KernelSpec("ista_bwd_dx", _ista_bwd_dx_kernel,
-                   {"dout_ptr": t, "out_ptr": t, "s_ptr": t, "d_ptr": t, "dx_ptr": t, "M": "i32", "H": "i32",
+                   {"dout_ptr": t, "out_ptr": t, "s_ptr": t, "d_ptr": t, "dx_ptr": t, **mh,
                     "eta": "fp32"}, consts, warps, 3),
         KernelSpec("ista_bwd_dD", _ista_bwd_dd_kernel,
                    {"r_ptr": t, "s_ptr": t, "x_ptr": t, "dout_ptr": t, "out_ptr": t, "dd_ptr": dd_type,
-                    "M": "i32", "H": "i32", "rows_per_split": "i32", "eta": "fp32"},
+                    **mh, "rows_per_split": "i32:16", "eta": "fp32"},
                    dd_consts, 8 if wide else 4, 2),
     ]
 

@@ -5,12 +5,15 @@ Equals ``wbdit.reference.mssa``. Per batch b and head h, with W = w[b, :, h*d:(h
 
 Forward
     S = c W W^T            (N x N, symmetric)
-    P = softmax_rows(S),   L_i = logsumexp_j S_ij   (saved, fp32, natural log)
+    P = softmax_rows(S),   L_i = log2 sum_j 2^(log2(e) S_ij) = log2(e) logsumexp_j S_ij   (saved, fp32)
     O = P W
   One program owns a block I of BLOCK_M rows and streams the key blocks J of W once:
   the tile W_J loaded for S_IJ = c W_I W_J^T is the same tile used for P_IJ W_J (one read
   stream serves K and V). Online softmax keeps a running max and sum per row, so the
-  N x N matrix never reaches memory. exp is computed as exp2 with log2(e) folded into c.
+  N x N matrix never reaches memory. exp is computed as exp2 with log2(e) folded into c, and L
+  stays in those log2 units so the backward recomputes P = 2^(S' - L) from the same scaled
+  scores S' = log2(e) S the forward used: with saturated rows (large inputs, S ~ 1e4) a detour
+  through natural-log units would round S' - L by ~1e-3 and P by as much.
 
 Backward (given dO = dL/dO)
     delta_i = sum_k dO_ik O_ik                       (preprocessing kernel, fp32)
@@ -18,8 +21,8 @@ Backward (given dO = dL/dO)
     dQ = c dS W,   dK = c dS^T W,   dV = P^T dO
     dW = dQ + dK + dV = c (dS + dS^T) W + P^T dO
   Symmetry: S_JI = S_IJ^T, so one product S_IJ = c W_I W_J^T gives both directions,
-    P_IJ       = exp(S_IJ - L_I 1^T)       (row I as query)
-    (P_JI)^T   = exp(S_IJ - 1 L_J^T)       (row I as key / value)
+    P_IJ       = 2^(S'_IJ - L_I 1^T)       (row I as query)
+    (P_JI)^T   = 2^(S'_IJ - 1 L_J^T)       (row I as key / value)
     (dP_JI)^T  = W_I dO_J^T
     (dS_JI)^T  = (P_JI)^T * ((dP_JI)^T - 1 delta_J^T)
   and the program for block I accumulates all three gradients of W_I in registers:
@@ -55,8 +58,9 @@ from .common import (
     autocast_inputs,
     check_device,
     dot_precision,
+    int_arg,
     interpreter_upcast,
-    tile,
+    next_pow2,
 )
 
 LOG2E = 1.4426950408889634
@@ -64,11 +68,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _mssa_fwd_kernel(
-    w_ptr, out_ptr, lse_ptr, N, C, NUM_HEADS, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    w_ptr, out_ptr, lse_ptr, N, C, NUM_HEADS, HEAD_DIM, qk_scale_log2,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[b, I, h] = softmax(c W_I W^T) W and lse[b, h, I]; grid (B * heads, cdiv(N, BLOCK_M))."""
+    """out[b, I, h] = softmax(c W_I W^T) W and lse[b, h, I] (log2 units); grid (B * heads, cdiv(N, BLOCK_M))."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -102,14 +106,13 @@ def _mssa_fwd_kernel(
     acc = acc / l_i[:, None]
     tl.store(out_ptr + base + offs_m[:, None] * C + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634  # back to natural log
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, lse, mask=m_ok)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
 @triton.jit
 def _mssa_bwd_delta_kernel(
-    out_ptr, dout_ptr, delta_ptr, N, C, NUM_HEADS,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    out_ptr, dout_ptr, delta_ptr, N, C, NUM_HEADS, HEAD_DIM,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_k dO[b, i, h, k] O[b, i, h, k] in fp32; grid (B * heads, cdiv(N, BLOCK_M))."""
     pid_bh = tl.program_id(0)
@@ -129,8 +132,8 @@ def _mssa_bwd_delta_kernel(
 
 @triton.jit
 def _mssa_bwd_kernel(
-    w_ptr, dout_ptr, lse_ptr, delta_ptr, dw_ptr, N, C, NUM_HEADS, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    w_ptr, dout_ptr, lse_ptr, delta_ptr, dw_ptr, N, C, NUM_HEADS, HEAD_DIM, sm_scale, qk_scale_log2,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dW_I = sum_J c (dS_IJ + dS_JI^T) W_J + P_JI^T dO_J (module docstring);
@@ -152,9 +155,8 @@ def _mssa_bwd_kernel(
     w_i = tl.load(w_ptr + i_ptrs, mask=i_mask, other=0.0)
     do_i = tl.load(dout_ptr + i_ptrs, mask=i_mask, other=0.0)
     # lse = +inf past N makes every probability of a padding row exactly 0.
-    lse_i = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse_i = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("inf"))
     delta_i = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
-    scale_log2 = sm_scale * 1.4426950408889634
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
@@ -164,10 +166,10 @@ def _mssa_bwd_kernel(
         j_ptrs = base + cols[:, None] * C + offs_d[None, :]
         w_j = tl.load(w_ptr + j_ptrs, mask=j_mask, other=0.0)
         do_j = tl.load(dout_ptr + j_ptrs, mask=j_mask, other=0.0)
-        lse_j = tl.load(lse_ptr + row_base + cols, mask=n_ok, other=float("inf")) * 1.4426950408889634
+        lse_j = tl.load(lse_ptr + row_base + cols, mask=n_ok, other=float("inf"))
         delta_j = tl.load(delta_ptr + row_base + cols, mask=n_ok, other=0.0)
 
-        s = tl.dot(w_i, tl.trans(w_j), input_precision=DOT_PRECISION) * scale_log2  # S_IJ, log2 units
+        s = tl.dot(w_i, tl.trans(w_j), input_precision=DOT_PRECISION) * qk_scale_log2  # S'_IJ, as in the forward
         p = tl.exp2(s - lse_i[:, None])  # P_IJ
         p_t = tl.exp2(s - lse_j[None, :])  # (P_JI)^T: S is symmetric; 0 in padding columns
         dp = tl.dot(do_i, tl.trans(w_j), input_precision=DOT_PRECISION)  # dP_IJ
@@ -193,56 +195,67 @@ class MssaShape(NamedTuple):
     dtype: torch.dtype
 
 
-def _common_args(shape: MssaShape) -> dict:
-    t = TRITON_DTYPE[shape.dtype]
-    return {"t": f"*{t}", "block_d": tile(shape.head_dim, 128)}
+# (16-bit inputs, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen with the ptxas
+# numbers of ``python -m wbdit.kernels.aot`` (benchmarks/RESULTS.md): the largest tiles that stay
+# spill-free on sm_80 and sm_90a. The forward holds a BLOCK_M x BLOCK_D accumulator and two score
+# tiles; the backward holds W_I, dO_I, the dW_I accumulator and five BLOCK_M x BLOCK_N tiles, so
+# its tiles are smaller. fp32 runs tf32x3 (each product split into a high and a low tf32 part:
+# twice the operand registers, three MMAs), which needs the smallest tiles; it is the exact path
+# for tests and fp32 training, bf16 is the fast one. N does not enter: masks handle any N, and
+# short sequences are launch-bound whatever the tile.
+_FWD_CONFIGS = {
+    (True, 32): (128, 64, 4, 2), (True, 64): (128, 64, 4, 2), (True, 128): (128, 64, 8, 2),
+    (False, 32): (64, 32, 4, 2), (False, 64): (32, 32, 4, 2), (False, 128): (16, 32, 4, 2),
+}
+_BWD_CONFIGS = {
+    (True, 32): (64, 64, 4, 2), (True, 64): (64, 32, 4, 2), (True, 128): (64, 32, 4, 2),
+    (False, 32): (32, 16, 4, 1), (False, 64): (16, 16, 4, 1), (False, 128): (16, 16, 8, 1),
+}
+
+
+def _block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two (masked in the kernels), at least 32, at most 128."""
+    if head_dim > 128:
+        raise ValueError(f"MSSA kernels support head dims up to 128, got {head_dim}")
+    return max(32, next_pow2(head_dim))
+
+
+def _types(shape: MssaShape) -> tuple[str, dict[str, str]]:
+    """Triton type of the tensor pointers and of the integer arguments every MSSA kernel takes."""
+    ints = {"N": int_arg(shape.n), "C": int_arg(shape.heads * shape.head_dim), "NUM_HEADS": int_arg(shape.heads),
+            "HEAD_DIM": int_arg(shape.head_dim)}
+    return f"*{TRITON_DTYPE[shape.dtype]}", ints
 
 
 def forward_specs(shape: MssaShape) -> list[KernelSpec]:
-    """The forward launch for ``shape``: block sizes from (N, d, dtype).
-
-    16-bit inputs: 128 query rows x 64 keys per step, 8 warps (the flash-attention shape that
-    keeps the 128-row accumulator in registers). fp32 (tf32x3: three products, twice the
-    operand registers): 64 x 32 with 4 warps so it stays spill-free.
-    """
-    c = _common_args(shape)
-    wide = shape.dtype != torch.float32
-    block_m, block_n = (128, 64) if wide else (64, 32)
-    spec = KernelSpec(
+    """The forward launch for ``shape``; its tile depends on the padded head dim and the dtype."""
+    t, ints = _types(shape)
+    block_d = _block_d(shape.head_dim)
+    block_m, block_n, warps, stages = _FWD_CONFIGS[(shape.dtype != torch.float32, block_d)]
+    return [KernelSpec(
         "mssa_fwd", _mssa_fwd_kernel,
-        {"w_ptr": c["t"], "out_ptr": c["t"], "lse_ptr": "*fp32", "N": "i32", "C": "i32", "NUM_HEADS": "i32",
-         "qk_scale_log2": "fp32"},
-        {"HEAD_DIM": shape.head_dim, "BLOCK_D": c["block_d"], "BLOCK_M": tile(shape.n, block_m),
-         "BLOCK_N": tile(shape.n, block_n), "DOT_PRECISION": dot_precision(shape.dtype)},
-        num_warps=8 if wide else 4, num_stages=2,
-    )
-    return [spec]
+        {"w_ptr": t, "out_ptr": t, "lse_ptr": "*fp32", **ints, "qk_scale_log2": "fp32"},
+        {"BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": dot_precision(shape.dtype)},
+        warps, stages,
+    )]
 
 
 def backward_specs(shape: MssaShape) -> list[KernelSpec]:
-    """The backward launches for ``shape``: the delta preprocessing, then the dW kernel.
-
-    The dW kernel holds W_I, dO_I and the fp32 dW_I accumulator for the whole loop plus five
-    BLOCK_M x BLOCK_N score-sized tiles per step, so its tiles are smaller than the forward's.
-    """
-    c = _common_args(shape)
-    wide = shape.dtype != torch.float32
-    block_m, block_n = (64, 64) if wide else (32, 32)
-    if c["block_d"] == 128:
-        block_n //= 2
+    """The backward launches for ``shape``: the delta preprocessing, then the dW kernel."""
+    t, ints = _types(shape)
+    block_d = _block_d(shape.head_dim)
+    block_m, block_n, warps, stages = _BWD_CONFIGS[(shape.dtype != torch.float32, block_d)]
     delta = KernelSpec(
         "mssa_bwd_delta", _mssa_bwd_delta_kernel,
-        {"out_ptr": c["t"], "dout_ptr": c["t"], "delta_ptr": "*fp32", "N": "i32", "C": "i32", "NUM_HEADS": "i32"},
-        {"HEAD_DIM": shape.head_dim, "BLOCK_D": c["block_d"], "BLOCK_M": tile(shape.n, 64)},
-        num_warps=4, num_stages=1,
+        {"out_ptr": t, "dout_ptr": t, "delta_ptr": "*fp32", **ints},
+        {"BLOCK_D": block_d, "BLOCK_M": 32}, 4, 1,
     )
     dw = KernelSpec(
         "mssa_bwd", _mssa_bwd_kernel,
-        {"w_ptr": c["t"], "dout_ptr": c["t"], "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dw_ptr": c["t"],
-         "N": "i32", "C": "i32", "NUM_HEADS": "i32", "sm_scale": "fp32"},
-        {"HEAD_DIM": shape.head_dim, "BLOCK_D": c["block_d"], "BLOCK_M": tile(shape.n, block_m),
-         "BLOCK_N": tile(shape.n, block_n), "DOT_PRECISION": dot_precision(shape.dtype)},
-        num_warps=8 if wide else 4, num_stages=2,
+        {"w_ptr": t, "dout_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dw_ptr": t, **ints,
+         "sm_scale": "fp32", "qk_scale_log2": "fp32"},
+        {"BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": dot_precision(shape.dtype)},
+        warps, stages,
     )
     return [delta, dw]
 
@@ -270,15 +283,15 @@ def _shape(w: Tensor, num_heads: int) -> MssaShape:
 
 
 def forward_into(w: Tensor, num_heads: int, out: Tensor, lse: Tensor) -> None:
-    """Write MSSA(w) into ``out`` (like w) and the row logsumexp into ``lse`` (B, heads, N) fp32.
+    """Write MSSA(w) into ``out`` (like w) and the rows' log-sum-exp into ``lse`` (B, heads, N) fp32,
+    in log2 units: ``log2(e) * logsumexp(w_h w_h^T d^-1/2)`` (module docstring).
 
     w must be contiguous (B, N, heads * d); every element of out and lse is written.
     """
     shape = _shape(w, num_heads)
     (spec,) = forward_specs(shape)
     grid = (shape.batch * num_heads, triton.cdiv(shape.n, spec.constexprs["BLOCK_M"]))
-    scale = shape.head_dim ** -0.5 * LOG2E
-    spec.launch(grid, w, out, lse, shape.n, w.shape[2], num_heads, scale)
+    spec.launch(grid, w, out, lse, shape.n, w.shape[2], num_heads, shape.head_dim, shape.head_dim**-0.5 * LOG2E)
 
 
 def backward_into(dout: Tensor, w: Tensor, out: Tensor, lse: Tensor, num_heads: int, dw: Tensor) -> None:
@@ -289,9 +302,10 @@ def backward_into(dout: Tensor, w: Tensor, out: Tensor, lse: Tensor, num_heads: 
     bh = shape.batch * num_heads
     C = w.shape[2]
     delta_spec.launch((bh, triton.cdiv(shape.n, delta_spec.constexprs["BLOCK_M"])), out, dout, delta,
-                      shape.n, C, num_heads)
+                      shape.n, C, num_heads, shape.head_dim)
     grid = (bh, triton.cdiv(shape.n, dw_spec.constexprs["BLOCK_M"]))
-    dw_spec.launch(grid, w, dout, lse, delta, dw, shape.n, C, num_heads, shape.head_dim ** -0.5)
+    c = shape.head_dim**-0.5
+    dw_spec.launch(grid, w, dout, lse, delta, dw, shape.n, C, num_heads, shape.head_dim, c, c * LOG2E)
 
 
 # ------------------------------------------------------------------ torch.library ops
@@ -299,7 +313,7 @@ def backward_into(dout: Tensor, w: Tensor, out: Tensor, lse: Tensor, num_heads: 
 
 @torch.library.custom_op("wbdit::mssa_triton_fwd", mutates_args=())
 def mssa_fwd(w: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
-    """Fused MSSA forward: (out like w, lse (B, heads, N) fp32)."""
+    """Fused MSSA forward: (out like w, lse (B, heads, N) fp32 in log2 units, see :func:`forward_into`)."""
     check_device(w)
     (wc,) = interpreter_upcast(w.contiguous())
     out = torch.empty_like(wc)

@@ -1,0 +1,161 @@
+"""The Triton MSSA op (wbdit.kernels.mssa) equals wbdit.reference.mssa, forward and backward.
+
+Without a GPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set before
+Triton is imported). Expected values come from the reference in float64, so the tolerances
+measure the kernels' own fp32 error. GPU-only cases (16-bit dtypes, the seed shape) skip
+without CUDA.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from wbdit import ops, reference  # noqa: E402
+from wbdit.kernels import mssa as kmssa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+# (batch, N, heads, head dim, input scale): every N in {1, 7, 200, 257} and head dim in
+# {32, 64, 96, 128}, batch 1 and several, 96 (not a power of two) at N = 200 (not a multiple of
+# any block), and inputs of large magnitude whose scores (~800) overflow exp unless the online
+# softmax subtracts its running max.
+CASES = [
+    (2, 1, 2, 32, 1.0),
+    (3, 7, 2, 64, 1.0),
+    (1, 7, 3, 96, 1.0),
+    (1, 200, 2, 96, 1.0),
+    (1, 257, 1, 128, 1.0),
+    (2, 257, 1, 32, 1.0),
+    (1, 200, 2, 64, 10.0),
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _inputs(B, N, heads, d, scale, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(B, N, heads * d, generator=g) * scale
+    dout = torch.randn(B, N, heads * d, generator=g)
+    return w.to(DEVICE, dtype), dout.to(DEVICE, dtype)
+
+
+def _expected(w, dout, heads):
+    """out, lse (B, heads, N, log2 units as the kernels store it) and dw of the reference, in float64."""
+    w64 = w.double().requires_grad_()
+    out = reference.mssa(w64, heads)
+    (dw,) = torch.autograd.grad(out, w64, dout.double())
+    B, N, C = w.shape
+    wh = w64.detach().view(B, N, heads, C // heads).transpose(1, 2)
+    lse = torch.logsumexp(wh @ wh.transpose(-1, -2) * (C // heads) ** -0.5, dim=-1) * math.log2(math.e)
+    return out.detach(), lse, dw
+
+
+def _close(actual, expected, rel=1e-5):
+    """Equal up to ``rel`` of the expected tensor's largest magnitude; NaN or inf never passes."""
+    assert torch.isfinite(actual).all()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rel, atol=rel * max(scale, 1e-30))
+
+
+@pytest.mark.parametrize("B,N,heads,d,scale", CASES)
+def test_kernels_write_every_element_and_match_reference(B, N, heads, d, scale):
+    w, dout = _inputs(B, N, heads, d, scale, seed=N * 131 + d)
+    exp_out, exp_lse, exp_dw = _expected(w, dout, heads)
+    # Poisoned outputs: an element the kernels skip stays NaN and fails _close.
+    out = torch.full_like(w, float("nan"))
+    lse = torch.full((B, heads, N), float("nan"), device=DEVICE)
+    kmssa.forward_into(w, heads, out, lse)
+    _close(out, exp_out)
+    _close(lse, exp_lse)
+    dw = torch.full_like(w, float("nan"))
+    kmssa.backward_into(dout, w, out, lse, heads, dw)
+    # The flash backward forms delta = rowsum(dO * O), which cancels against dP = dO W^T; in fp32
+    # that leaves an error ~ eps |w|^2 (the reference's sum(P * dP) is exact for one-hot rows).
+    _close(dw, exp_dw, rel=1e-5 * scale)
+
+
+@pytest.mark.parametrize("B,N,heads,d", [(2, 7, 2, 96), (1, 200, 1, 32)])
+def test_autograd_matches_reference(B, N, heads, d):
+    w, dout = _inputs(B, N, heads, d, 1.0, seed=7)
+    exp_out, _, exp_dw = _expected(w, dout, heads)
+    w.requires_grad_()
+    out = kmssa.mssa(w, heads)
+    (dw,) = torch.autograd.grad(out, w, dout)
+    _close(out.detach(), exp_out)
+    _close(dw, exp_dw)
+
+
+def test_dispatch_runs_triton():
+    w, _ = _inputs(1, 7, 2, 32, 1.0, seed=3)
+    out = ops.mssa(w, 2, fused=True)
+    assert ops.report()["mssa"] == "triton"
+    _close(out, reference.mssa(w.double(), 2))
+
+
+def test_opcheck():
+    w, dout = _inputs(1, 7, 2, 32, 1.0, seed=5)
+    torch.library.opcheck(kmssa.mssa_fwd, (w.requires_grad_(), 2))
+    out, lse = kmssa.mssa_fwd(w.detach(), 2)
+    torch.library.opcheck(kmssa.mssa_bwd, (dout, w.detach(), out, lse, 2))
+
+
+def test_compiles_without_graph_breaks():
+    w, dout = _inputs(2, 7, 2, 32, 1.0, seed=9)
+    fn = torch.compile(kmssa.mssa, backend="aot_eager", fullgraph=True)
+    w.requires_grad_()
+    (dw,) = torch.autograd.grad(fn(w, 2), w, dout)
+    _close(dw, _expected(w.detach(), dout, 2)[2])
+
+
+def test_16bit_inputs_give_16bit_outputs():
+    w, dout = _inputs(2, 7, 2, 32, 1.0, seed=11, dtype=torch.bfloat16)
+    exp_out, _, exp_dw = _expected(w, dout, 2)
+    w.requires_grad_()
+    out = kmssa.mssa(w, 2)
+    (dw,) = torch.autograd.grad(out, w, dout)
+    assert out.dtype == dw.dtype == torch.bfloat16
+    _close(out.detach(), exp_out, rel=2e-2)
+    _close(dw, exp_dw, rel=2e-2)
+
+
+def test_rejects_unsupported_inputs():
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        kmssa.mssa(torch.randn(1, 4, 256, device=DEVICE), 1)
+    with pytest.raises(ValueError, match="divisible"):
+        kmssa.mssa(torch.randn(1, 4, 66, device=DEVICE), 4)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,N,heads,d", [(256, 200, 8, 96), (4, 257, 4, 128), (8, 200, 12, 64), (2, 1, 2, 32)])
+def test_gpu_16bit_matches_reference(dtype, B, N, heads, d):
+    w, dout = _inputs(B, N, heads, d, 1.0, seed=13, dtype=dtype)
+    exp_out, _, exp_dw = _expected(w, dout, heads)
+    w.requires_grad_()
+    out = kmssa.mssa(w, heads)
+    (dw,) = torch.autograd.grad(out, w, dout)
+    _close(out.detach(), exp_out, rel=2e-2)
+    _close(dw, exp_dw, rel=3e-2)
+
+
+@cuda_only
+def test_gpu_fp32_seed_shape():
+    w, dout = _inputs(256, 200, 8, 96, 1.0, seed=17)
+    exp_out, _, exp_dw = _expected(w, dout, 8)
+    w.requires_grad_()
+    out = kmssa.mssa(w, 8)
+    (dw,) = torch.autograd.grad(out, w, dout)
+    _close(out.detach(), exp_out)
+    _close(dw, exp_dw)
