@@ -151,7 +151,7 @@ def train_variant(name: str, config: CompareConfig, data: tuple[str, str], out_d
 
     def factory(n_genes: int, num_classes: int | None):
         built.append(build_model(arch, n_genes=n_genes, num_classes=num_classes, fused=fused, **config.model))
-        return built[0]
+        return built[-1]
 
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                warmup_steps=config.warmup_steps, ema_decay=config.ema_decay, seed=config.seed,
@@ -166,7 +166,8 @@ def train_variant(name: str, config: CompareConfig, data: tuple[str, str], out_d
                 hook=_EpochMemory(meter))
     return dict(
         name=name, arch=arch, fused=fused, params=sum(p.numel() for p in built[0].parameters()),
-        implementations={op: impl for op, impl in ops.report().items() if op in ARCH_OPS[arch]}, memory=dict(kind=meter.kind, scope=meter.scope, baseline_bytes=baseline),
+        implementations={op: impl for op, impl in ops.report().items() if op in ARCH_OPS[arch]},
+        memory=dict(kind=meter.kind, scope=meter.scope, baseline_bytes=baseline),
         history=run.history,
     )
 
