@@ -75,7 +75,8 @@ def test_train_step(benchmark, variant: str, config: str, device_name: str) -> N
         train_step(model, opt, diffusion, x, y, gen, grad_clip=1.0, ema=ema, ema_decay=0.999)
         _sync(device)
 
-    _run(benchmark, step, device, model, variant, f"train step, {config} ({x.shape[1]} genes, B={len(x)}), {device_name}")
+    group = f"train step, {config} ({x.shape[1]} genes, B={len(x)}), {device_name}"
+    _run(benchmark, step, device, model, variant, group)
 
 
 @pytest.mark.parametrize("device_name", DEVICES)
@@ -92,4 +93,5 @@ def test_ddim_sampling(benchmark, variant: str, config: str, device_name: str) -
         _sync(device)
         return out
 
-    _run(benchmark, sample, device, model, variant, f"ddim10, {config} ({x.shape[1]} genes, B={len(x)}), {device_name}")
+    group = f"ddim10, {config} ({x.shape[1]} genes, B={len(x)}), {device_name}"
+    _run(benchmark, sample, device, model, variant, group)
