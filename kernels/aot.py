@@ -7,8 +7,10 @@ For every launch the dispatch heuristics can choose (``forward_specs`` / ``backw
 metadata, and looks for tensor-core instructions in the PTX (``mma.sync`` on sm_80,
 ``wgmma.mma_async`` or ``mma.sync`` on sm_90a).
 
-``python -m wbdit.kernels.aot`` prints the resource table in Markdown (``--json PATH`` also
-writes the rows). Run it without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
+``python -m wbdit.kernels.aot`` prints the resource table in Markdown; ``--json PATH`` also
+writes the rows, ``--results benchmarks/RESULTS.md`` rewrites that file's section
+"Triton kernel resources (AOT, no GPU)". Run it without ``TRITON_INTERPRET=1``: interpreted
+kernels cannot be compiled.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import triton
@@ -35,16 +38,20 @@ ARCHS = (80, 90)
 # A100 163 KiB, H100 227 KiB (the SM has 164 / 228 KiB; 1 KiB is reserved per block).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 GPU_NAME = {80: "sm_80", 90: "sm_90a"}
+# Kernels without a GEMM (so no tensor-core instructions are expected).
+NO_GEMM = {"mssa_bwd_delta"}
+RESULTS_HEADING = "## Triton kernel resources (AOT, no GPU)"
 
 # Shapes the AOT check covers: the seed configuration (B=256, N=200, 8 heads of 96; ISTA on
 # B*N rows of 768), the larger benchmark shape, and the shapes of tests/test_mssa.py and
-# tests/test_ista.py (whose block sizes the heuristics clamp differently).
+# tests/test_ista.py. The heuristics read only the dtype and (MSSA) the padded head dim, so these
+# test shapes, one per head dim, reach every configuration the tests run.
 SEED_MSSA = (256, 200, 8, 96)
-LARGE_MSSA = (64, 1024, 16, 64)
+LARGE_MSSA = (256, 1000, 16, 64)
 SEED_ISTA = (256 * 200, 768)
-LARGE_ISTA = (256 * 200, 1024)
-TEST_MSSA = [(2, 1, 2, 32), (3, 7, 2, 64), (2, 200, 2, 96), (1, 257, 1, 128), (2, 257, 2, 32)]
-TEST_ISTA = [(7, 32), (14, 96), (600, 48), (1028, 128)]
+LARGE_ISTA = (256 * 1000, 1024)
+TEST_MSSA = [(2, 1, 2, 32), (3, 7, 2, 64), (1, 200, 2, 96), (1, 257, 1, 128)]
+TEST_ISTA = [(1, 32), (14, 96), (600, 48), (257, 128), (1028, 32)]
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -55,7 +62,7 @@ class Resources:
     kernel: str
     arch: str
     dtype: str
-    config: str
+    constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
     registers: int
@@ -128,10 +135,20 @@ def compile_spec(dtype: str, spec: KernelSpec, arch: int) -> Resources:
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = compiled.asm["ptx"]
     regs, spill_st, spill_ld = _ptxas_usage(ptx, arch)
-    config = " ".join(f"{k.replace('BLOCK_', 'B')}={v}" for k, v in spec.constexprs.items())
-    return Resources(spec.name, GPU_NAME[arch], dtype, config, spec.num_warps, spec.num_stages, regs, spill_st,
+    return Resources(spec.name, GPU_NAME[arch], dtype, dict(spec.constexprs), spec.num_warps, spec.num_stages, regs, spill_st,
                      spill_ld, compiled.metadata.shared, SMEM_LIMIT[arch], "mma.sync" in ptx,
                      "wgmma.mma_async" in ptx)
+
+
+def spill_bound(r: Resources) -> int:
+    """Spill bytes (stores) allowed for ``r``: none, except the fp32 MSSA backward at head dims
+    above 64 (BLOCK_D = 128). tf32x3 splits every operand into high and low tf32 parts, so W_I,
+    dO_I, W_J, dO_J at 128 columns plus the dW_I accumulator outgrow 255 registers even at 16 x 16
+    score tiles; ptxas spills up to 400 B per thread on sm_90a. fp32 is the exact path for tests
+    and fp32 training; 16-bit (the training path) is spill-free everywhere."""
+    if r.kernel == "mssa_bwd" and r.dtype == "float32" and r.constexprs.get("BLOCK_D") == 128:
+        return 512
+    return 0
 
 
 def _compile_job(job: tuple[int, int]) -> Resources:
@@ -149,25 +166,54 @@ def compile_all(workers: int | None = None) -> list[Resources]:
 
 def markdown_table(rows: list[Resources]) -> str:
     """The resource table, one row per kernel, configuration and architecture."""
-    head = ("| kernel | arch | dtype | config | warps | stages | regs | spill st/ld (B) | smem (B) | tensor cores |\n"
+    head = ("| kernel | arch | dtype | tiles | warps | stages | regs | spill st/ld (B) | smem (B) | tensor cores |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
+        tiles = " ".join(f"{k.replace('BLOCK_', 'B')}={v}" for k, v in r.constexprs.items() if k.startswith("BLOCK_"))
         tc = "wgmma" if r.wgmma else "mma" if r.mma else "none"
-        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype} | {r.config} | {r.num_warps} | {r.num_stages} | "
+        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype} | {tiles} | {r.num_warps} | {r.num_stages} | "
                      f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.shared_bytes} | {tc} |")
     return head + "\n".join(lines) + "\n"
+
+
+def results_section(rows: list[Resources]) -> str:
+    """The RESULTS.md section: how the table was made, then the table."""
+    return (f"{RESULTS_HEADING}\n\n"
+            f"`python -m wbdit.kernels.aot --results benchmarks/RESULTS.md` (Triton {triton.__version__}, "
+            "the wheel's ptxas; no GPU needed). Every configuration the dispatch heuristics choose for the seed "
+            "shape (MSSA B=256, N=200, 8 heads x 96; ISTA 51200 x 768), the larger benchmark shape and the test "
+            "shapes. fp32 runs tf32x3 tensor-core products, 16-bit runs native ones; smem limits per block: "
+            f"sm_80 {SMEM_LIMIT[80]} B, sm_90a {SMEM_LIMIT[90]} B. Spills: none, except the documented bound "
+            "of `spill_bound` (fp32 MSSA backward at head dim > 64).\n\n" + markdown_table(rows))
+
+
+def update_results(path: str, rows: list[Resources]) -> None:
+    """Replace (or append) this section of the Markdown file at ``path``, leaving the rest alone."""
+    text = open(path).read() if os.path.exists(path) else "# Results\n"
+    section = results_section(rows)
+    start = text.find(RESULTS_HEADING)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(RESULTS_HEADING))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--results", help="rewrite this Markdown file's resource section")
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: all cores)")
     args = parser.parse_args(argv)
     rows = compile_all(args.workers)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
+    if args.results:
+        update_results(args.results, rows)
     sys.stdout.write(markdown_table(rows))
 
 
