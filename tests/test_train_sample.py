@@ -261,8 +261,10 @@ def test_unconditional_model_refuses_cell_types(tmp_path):
         sample(r, n_cells=4, cell_types={"type_0": 2}, steps=2, device="cpu", progress=False)
     with pytest.raises(ValueError, match="needs class labels"):
         sample(r, n_cells=4, cfg_scale=2.0, steps=2, device="cpu", progress=False)
-    gen = sample(r, n_cells=4, steps=2, device="cpu", progress=False)
+    gen = sample(r, n_cells=4, steps=2, counts=True, device="cpu", progress=False)
     assert "cell_type" not in gen.obs and gen.shape == (4, 25)
+    X = gen.X.toarray()
+    assert (X >= 0).all() and np.array_equal(X, np.round(X)) and set(r.preprocessor.log_library) == {"__all__"}
 
 
 def test_counts_are_nonnegative_integers_with_realistic_libraries(run):
