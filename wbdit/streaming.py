@@ -47,8 +47,8 @@ HVG_BINS = 20
 class H5Matrix:
     """Row blocks of an ``.h5ad`` file's ``X`` or ``layers[layer]`` (dense or CSR), read on demand.
 
-    ``matrix[a:b]`` is the rows a..b-1 as a float32 CSR matrix (b - a, n_vars); nothing else
-    is read.
+    ``matrix[a:b]`` is the rows a..b-1 as a float32 CSR matrix (b - a, n_vars): for CSR, one
+    contiguous read of ``data`` and ``indices`` between the rows' ``indptr`` bounds.
     """
 
     def __init__(self, path: str | os.PathLike, layer: str | None = None):
@@ -56,16 +56,21 @@ class H5Matrix:
         if layer is not None and layer not in self.file.get("layers", {}):
             raise KeyError(f"layer {layer!r} not found; available layers: {sorted(self.file.get('layers', {}))}")
         elem = self.file["X"] if layer is None else self.file["layers"][layer]
-        if isinstance(elem, h5py.Group):
-            if elem.attrs.get("encoding-type") != "csr_matrix":
-                raise ValueError(f"{path}: backed training reads rows and needs a CSR or dense matrix, "
-                                 f"not {elem.attrs.get('encoding-type')}; convert with adata.X = adata.X.tocsr()")
-            elem = ad.io.sparse_dataset(elem)
+        self.sparse = isinstance(elem, h5py.Group)
+        if self.sparse and elem.attrs.get("encoding-type") != "csr_matrix":
+            raise ValueError(f"{path}: backed training reads rows and needs a CSR or dense matrix, "
+                             f"not {elem.attrs.get('encoding-type')}; convert with adata.X = adata.X.tocsr()")
         self.elem = elem
-        self.shape = tuple(elem.shape)
+        self.shape = tuple(int(d) for d in elem.attrs["shape"]) if self.sparse else elem.shape
 
     def __getitem__(self, rows: slice) -> sp.csr_matrix:
-        return sp.csr_matrix(self.elem[rows], dtype=np.float32)
+        start, stop, _ = rows.indices(self.shape[0])
+        if not self.sparse:
+            return sp.csr_matrix(self.elem[start:stop], dtype=np.float32)
+        ptr = self.elem["indptr"][start : stop + 1].astype(np.int64)
+        data = self.elem["data"][ptr[0] : ptr[-1]].astype(np.float32, copy=False)
+        return sp.csr_matrix((data, self.elem["indices"][ptr[0] : ptr[-1]], ptr - ptr[0]),
+                             shape=(stop - start, self.shape[1]))
 
 
 class BackedRows:
@@ -103,9 +108,10 @@ class GeneMoments:
         """Add a chunk of cells (float32 CSR, cells x genes, non-negative)."""
         g, (idx, v) = len(self.sum), (logx.indices, logx.data)
         self.n += logx.shape[0]
-        np.maximum.at(self.x_max, idx, v)
-        pos = v > 0
-        np.minimum.at(self.min_pos, idx[pos], v[pos])
+        np.maximum(self.x_max, _column_reduce(np.maximum, logx, 0.0), out=self.x_max)
+        positive = logx.copy()
+        positive.data[positive.data <= 0] = np.inf  # stored zeros are not the smallest non-zero value
+        np.minimum(self.min_pos, _column_reduce(np.minimum, positive, np.inf), out=self.min_pos)
         self.sum += np.bincount(idx, weights=v, minlength=g)
         self.sumsq += np.bincount(idx, weights=np.square(v, dtype=np.float64), minlength=g)
         if self.hvg:
@@ -119,6 +125,16 @@ class GeneMoments:
         mean = self.sum_e / self.n
         var = (self.sumsq_e / self.n - mean**2) * (self.n / max(self.n - 1, 1))
         return mean, np.maximum(var, 0.0)
+
+
+def _column_reduce(ufunc: np.ufunc, X: sp.csr_matrix, empty: float) -> np.ndarray:
+    """``ufunc.reduce`` over each column's stored values (n_genes,); ``empty`` for a column with none."""
+    csc = X.tocsc()
+    out = np.full(X.shape[1], empty)
+    filled = np.diff(csc.indptr) > 0
+    if filled.any():
+        out[filled] = ufunc.reduceat(csc.data, csc.indptr[:-1][filled])
+    return out
 
 
 def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = HVG_BINS) -> tuple[np.ndarray, np.ndarray]:
