@@ -215,10 +215,19 @@ def test_sample_failed_write_leaves_no_file(trained, tmp_path, capsys, monkeypat
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ad.AnnData, "write_h5ad", broken)
-    with pytest.raises(OSError):
-        main(["sample", str(trained), "-o", str(tmp_path / "g.h5ad"), "--n-cells", "2", "--steps", "1",
-              "--device", "cpu"])
+    rc = main(["sample", str(trained), "-o", str(tmp_path / "g.h5ad"), "--n-cells", "2", "--steps", "1",
+               "--device", "cpu"])
+    assert rc != 0 and "disk full (simulated)" in error_of(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_unwritable_output_is_a_clear_error(trained, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc = main(["sample", str(trained), "-o", str(blocker / "g.h5ad"), "--n-cells", "2", "--steps", "1",
+               "--device", "cpu"])
+    assert rc != 0 and "error:" in error_of(capsys)
+    assert list(tmp_path.iterdir()) == [blocker]
 
 
 def test_no_command_and_unknown_command(capsys):

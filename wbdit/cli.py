@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError, RuntimeError) as exc:
+    # OSError covers missing files and directories, an existing run, and failed writes (disk full,
+    # permission denied): a one-line error, not a traceback.
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"wbdit {args.command}: error: {msg}", file=sys.stderr)
         return 2
