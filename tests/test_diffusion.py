@@ -198,6 +198,17 @@ def test_ddim_all_steps_eta1_equals_ddpm(conditional, clip):
     assert (other - ddpm).abs().max() > 0.1  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_ddim_all_steps_eta1_equals_ddpm_other_predictions(prediction):
+    d = GaussianDiffusion(30, prediction=prediction)
+    model = _model(3)
+    kw = dict(n=4, n_features=12, y=torch.tensor([0, 1, 2, 3]), clip=(-2.0, 2.0))
+    ddpm = d.sample(model, sampler="ddpm", generator=torch.Generator().manual_seed(1), **kw)
+    ddim = d.sample(model, sampler="ddim", steps=30, eta=1.0, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.isfinite(ddpm).all() and ddpm.std() > 0.1
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-4)
+
+
 def test_ddim_eta0_is_deterministic_given_the_seed():
     d = GaussianDiffusion(100)
     model = _model()
