@@ -47,9 +47,9 @@ RESULTS_HEADING = "## Triton kernel resources (AOT, no GPU)"
 # tests/test_ista.py. The heuristics read only the dtype and (MSSA) the padded head dim, so these
 # test shapes, one per head dim, reach every configuration the tests run.
 SEED_MSSA = (256, 200, 8, 96)
-LARGE_MSSA = (256, 1000, 16, 64)
+LARGE_MSSA = (64, 1000, 16, 64)
 SEED_ISTA = (256 * 200, 768)
-LARGE_ISTA = (256 * 1000, 1024)
+LARGE_ISTA = (64 * 1000, 1024)
 TEST_MSSA = [(2, 1, 2, 32), (3, 7, 2, 64), (1, 200, 2, 96), (1, 257, 1, 128)]
 TEST_ISTA = [(1, 32), (14, 96), (600, 48), (257, 128), (1028, 32)]
 DTYPES = (torch.float32, torch.bfloat16)
