@@ -312,7 +312,7 @@ def backward_into(dout: Tensor, x: Tensor, D: Tensor, r: Tensor, out: Tensor, et
     partial = dD if splits == 1 else torch.empty((splits, H, H), device=x.device, dtype=torch.float32)
     dd_spec.launch((tiles * splits,), r, s, x, dout, out, partial, M, H, rows_per_split, eta)
     if splits > 1:
-        torch.sum(partial, dim=0, out=dD) if dD.dtype == torch.float32 else dD.copy_(partial.sum(0))
+        dD.copy_(partial.sum(0))
 
 
 # ------------------------------------------------------------------ torch.library ops

@@ -197,7 +197,8 @@ class MssaShape(NamedTuple):
 
 # (16-bit inputs, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen with the ptxas
 # numbers of ``python -m wbdit.kernels.aot`` (benchmarks/RESULTS.md): the largest tiles that stay
-# spill-free on sm_80 and sm_90a. The forward holds a BLOCK_M x BLOCK_D accumulator and two score
+# spill-free on sm_80 and sm_90a (all but the fp32 backward at BLOCK_D = 128, which spills within
+# the bound documented in ``aot.spill_bound``). The forward holds a BLOCK_M x BLOCK_D accumulator and two score
 # tiles; the backward holds W_I, dO_I, the dW_I accumulator and five BLOCK_M x BLOCK_N tiles, so
 # its tiles are smaller. fp32 runs tf32x3 (each product split into a high and a low tf32 part:
 # twice the operand registers, three MMAs), which needs the smallest tiles; it is the exact path
