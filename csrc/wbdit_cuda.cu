@@ -10,7 +10,8 @@
 // Why these shapes of kernel: at the seed shape (B=256, N=200, H=768) the (B*N, H) activations
 // are 157 MB in fp32 while x, W, bias and pos together are under 3 MB, so the forward is one
 // write of the output (the reference writes it three times: GEMM, bias, + pos) and the backward
-// reads dout twice (dx, then dW with db) where the reference reads it three times.
+// reads dout twice (dx, then dW with db) where the reference reads it three times, and once
+// when dx is not wanted (training: x is data) where the reference reads it twice.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -190,7 +191,8 @@ at::Tensor patch_embed_cuda(const at::Tensor& x_, const at::Tensor& weight_, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cuda(const at::Tensor& grad_,
                                                                          const at::Tensor& x_,
-                                                                         const at::Tensor& weight_) {
+                                                                         const at::Tensor& weight_,
+                                                                         bool compute_dx) {
   check_patch_embed_backward(grad_, x_, weight_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
@@ -198,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cuda(const a
   const int64_t rows = B * N;
   const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Genes cropped away (N*p < G) get no gradient; the dx kernel writes only genes < N*p.
-  at::Tensor dx = N * p < G ? at::zeros_like(x) : at::empty_like(x);
+  at::Tensor dx = !compute_dx ? at::empty({0}, x.options()) : N * p < G ? at::zeros_like(x) : at::empty_like(x);
   if (rows == 0 || H == 0) {
     return {dx, at::zeros_like(weight), at::zeros({H}, weight.options())};
   }
@@ -210,19 +212,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cuda(const a
   at::Tensor ws = at::empty({splits, p + 1, H}, x.options().dtype(acc_type));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "patch_embed_backward_cuda", [&] {
-    const int64_t dx_blocks = std::min<int64_t>(ceil_div(rows, kWarps), 1 << 20);
-    patch_embed_bwd_dx_kernel<scalar_t><<<dx_blocks, kWarps * 32, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), rows,
-        G, N, H, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (compute_dx) {
+      const int64_t dx_blocks = std::min<int64_t>(ceil_div(rows, kWarps), 1 << 20);
+      patch_embed_bwd_dx_kernel<scalar_t><<<dx_blocks, kWarps * 32, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+          rows, G, N, H, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     patch_embed_bwd_dw_kernel<scalar_t><<<dim3(h_tiles, splits), kWarps * 32, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
         ws.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, rows_per_split, G, N, H, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  // Fresh outputs (not views of `sums`), converted to the weight's dtype by copy_.
   const at::Tensor sums = ws.sum(0);  // (p + 1, H)
-  at::Tensor dw = sums.narrow(0, 0, p).t().to(weight.scalar_type()).contiguous();
-  at::Tensor db = sums.select(0, p).to(weight.scalar_type());
+  at::Tensor dw = at::empty_like(weight), db = at::empty({H}, weight.options());
+  dw.copy_(sums.narrow(0, 0, p).t());
+  db.copy_(sums.select(0, p));
   return {dx, dw, db};
 }
 
