@@ -23,12 +23,12 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GP
 # block, H not a multiple of the tiles (48, 96), default and non-default eta/lambda, inputs of
 # large magnitude, and 1028 rows, enough for the dD reduction to split into fp32 partial sums.
 CASES = [
-    ((1, 1), 32, 0.1, 0.1, 1.0),
-    ((2, 7), 96, 0.3, 0.05, 1.0),
-    ((3, 200), 48, 1.5, 0.2, 1.0),
-    ((1, 257), 128, 0.1, 0.1, 1.0),
-    ((4, 7), 64, 0.25, 0.5, 100.0),
-    ((4, 257), 32, 0.7, 0.01, 1.0),
+    pytest.param((1, 1), 32, 0.1, 0.1, 1.0, id="1x1x32"),
+    pytest.param((2, 7), 96, 0.3, 0.05, 1.0, id="2x7x96"),
+    pytest.param((3, 200), 48, 1.5, 0.2, 1.0, id="3x200x48"),
+    pytest.param((1, 257), 128, 0.1, 0.1, 1.0, id="1x257x128"),
+    pytest.param((4, 7), 64, 0.25, 0.5, 100.0, id="4x7x64-large"),
+    pytest.param((4, 257), 32, 0.7, 0.01, 1.0, id="4x257x32-split"),
 ]
 
 
@@ -77,6 +77,25 @@ def test_kernels_write_every_element_and_match_reference(lead, H, eta, lmbda, sc
     _close(r, exp_r.reshape(-1, H))
     dx, dD = torch.full_like(x2, float("nan")), torch.full_like(D, float("nan"))
     kista.backward_into(dout2, x2, D, r, out, eta, dx, dD)
+    _close(dx, exp_dx.reshape(-1, H))
+    _close(dD, exp_dD)
+
+
+@pytest.mark.parametrize("lead,H", [((3, 7), 160), ((4, 257), 32)])
+def test_16bit_tile_configs(monkeypatch, lead, H):
+    """The (larger) tiles the heuristics pick for 16-bit inputs, run on fp32 data: the interpreter
+    cannot multiply 16-bit tiles, but block sizes, masks and the dD split are what this checks."""
+    for name in ("forward_specs", "backward_specs"):
+        specs = getattr(kista, name)
+        monkeypatch.setattr(kista, name, lambda shape, specs=specs: specs(shape._replace(dtype=torch.bfloat16)))
+    x, D, dout = _inputs(lead, H, 1.0, seed=H)
+    exp_out, exp_r, exp_dx, exp_dD = _expected(x, D, dout, 0.3, 0.05)
+    x2, dout2 = x.reshape(-1, H), dout.reshape(-1, H)
+    r, out = torch.full_like(x2, float("nan")), torch.full_like(x2, float("nan"))
+    kista.forward_into(x2, D, 0.3, 0.05, r, out)
+    dx, dD = torch.full_like(x2, float("nan")), torch.full_like(D, float("nan"))
+    kista.backward_into(dout2, x2, D, r, out, 0.3, dx, dD)
+    _close(out, exp_out.reshape(-1, H))
     _close(dx, exp_dx.reshape(-1, H))
     _close(dD, exp_dD)
 

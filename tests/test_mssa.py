@@ -86,6 +86,24 @@ def test_kernels_write_every_element_and_match_reference(B, N, heads, d, scale):
     _close(dw, exp_dw, rel=1e-5 * scale)
 
 
+@pytest.mark.parametrize("B,N,heads,d", [(2, 7, 2, 32), (1, 200, 2, 96), (1, 257, 1, 64)])
+def test_16bit_tile_configs(monkeypatch, B, N, heads, d):
+    """The (larger) tiles the heuristics pick for 16-bit inputs, run on fp32 data: the interpreter
+    cannot multiply 16-bit tiles, but block sizes and masks are what this checks."""
+    for name in ("forward_specs", "backward_specs"):
+        specs = getattr(kmssa, name)
+        monkeypatch.setattr(kmssa, name, lambda shape, specs=specs: specs(shape._replace(dtype=torch.bfloat16)))
+    w, dout = _inputs(B, N, heads, d, 1.0, seed=N + d)
+    exp_out, exp_lse, exp_dw = _expected(w, dout, heads)
+    out, lse = torch.full_like(w, float("nan")), torch.full((B, heads, N), float("nan"), device=DEVICE)
+    kmssa.forward_into(w, heads, out, lse)
+    dw = torch.full_like(w, float("nan"))
+    kmssa.backward_into(dout, w, out, lse, heads, dw)
+    _close(out, exp_out)
+    _close(lse, exp_lse)
+    _close(dw, exp_dw)
+
+
 @pytest.mark.parametrize("B,N,heads,d", [(2, 7, 2, 96), (1, 200, 1, 32)])
 def test_autograd_matches_reference(B, N, heads, d):
     w, dout = _inputs(B, N, heads, d, 1.0, seed=7)
