@@ -89,7 +89,7 @@ class _Cells:
 
 
 def _input_kind(X, what: str) -> str:
-    """Reject empty, NaN/inf or negative input; say whether .X holds raw counts or log-normalized values."""
+    """Reject a missing .X, NaN/inf or negative values; say whether .X holds raw counts or log-normalized values."""
     if X is None:
         raise ValueError(f"{what} has no .X")
     values = X.data if sp.issparse(X) else np.asarray(X).ravel()
@@ -233,7 +233,8 @@ def _compare(a: _Cells, b: _Cells, w_cells: dict, max_cells: int, seed: int) -> 
 
     The random-forest AUC is computed overall only (it costs ~0.7 s per comparison).
     Label accuracy: a classifier fit on ``a``'s cells and labels labels ``b``'s cells;
-    per type it is the fraction of ``b``'s cells of that type given that type.
+    per type it is the fraction of ``b``'s cells of that type given that type (0 for a
+    type ``a`` lacks: the classifier cannot name it).
     """
     overall = _group_metrics(a, b, w_cells[None], max_cells, seed, rf=True)
     per_type: dict = {}
@@ -323,7 +324,9 @@ class EvalReport:
         lines.append("")
         header = f"{'metric':<15}{'space':<7}{'ideal':<7}{'generated':>11}{'real-vs-real':>14}{'trivial':>10}"
         lines += [header, "-" * len(header)]
-        ref = lambda result, k: _fmt(result["overall"].get(k)) if result else "-"  # noqa: E731
+        def ref(result: dict | None, k: str) -> str:
+            return _fmt(result["overall"].get(k)) if result else "-"
+
         for k, (space, ideal, _) in METRICS.items():
             if k == "label_accuracy" and s["label_key"] is None:
                 continue

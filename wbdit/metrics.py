@@ -103,7 +103,7 @@ def _correlation(fn, a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def gene_statistics(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-gene mean, variance (ddof=1), zero fraction and coefficient of variation (std / mean; NaN where the mean is 0)."""
+    """Per-gene mean, variance (ddof=1), zero fraction and CV = std / mean (NaN where the mean is 0)."""
     mean = x.mean(axis=0, dtype=np.float64)
     var = x.var(axis=0, ddof=1, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

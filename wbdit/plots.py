@@ -148,7 +148,8 @@ def draw_report(out_dir: str, real, generated, label_key: str | None, both_count
 
 def _read_log(path: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no training log; is {os.path.dirname(path) or '.'} a run directory written by 'wbdit train'?")
+        raise FileNotFoundError(f"{path}: no training log; is {os.path.dirname(path) or '.'} "
+                                "a run directory written by 'wbdit train'?")
     records = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
