@@ -250,6 +250,9 @@ def test_report_is_json_and_cli_writes_files(real, tmp_path, monkeypatch, capsys
     json.dumps(report.to_dict(), allow_nan=False)
     assert (out / "table.txt").read_text().strip() == report.table()
     assert "real-vs-real" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="t-SNE"):
+        with_ref = cli_evaluate(str(real_path), str(gen_path), str(tmp_path / "ref"), reference_path=str(real_path))
+    assert with_ref.settings["pca_fit_on"] == "reference cells"
     with pytest.raises(FileNotFoundError, match="no such file"):
         cli_evaluate(str(tmp_path / "missing.h5ad"), str(gen_path), str(out))
     (tmp_path / "notes.h5ad").write_text("not hdf5")

@@ -474,12 +474,17 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike, real: ad.AnnDat
 
 
 def cli_evaluate(real_path: str, generated_path: str, out_dir: str, label_key: str | None = None,
-                 n_pcs: int = 30, seed: int = 0) -> EvalReport:
-    """``wbdit evaluate``: read two .h5ad files, evaluate, write the report into ``out_dir``, print the table."""
+                 n_pcs: int = 30, seed: int = 0, reference_path: str | None = None) -> EvalReport:
+    """``wbdit evaluate``: read the .h5ad files, evaluate, write the report into ``out_dir``, print the table.
+
+    ``reference_path``: optional .h5ad of other real cells (e.g. the training cells), passed
+    to ``evaluate`` as ``reference``: the PCA is then fit on them.
+    """
     from wbdit.data import read_h5ad  # clear errors for a missing or non-h5ad file
 
     real, generated = read_h5ad(real_path), read_h5ad(generated_path)
-    report = evaluate(real, generated, label_key=label_key, n_pcs=n_pcs, seed=seed)
+    reference = read_h5ad(reference_path) if reference_path is not None else None
+    report = evaluate(real, generated, label_key=label_key, n_pcs=n_pcs, seed=seed, reference=reference)
     paths = write_report(report, out_dir, real=real, generated=generated)
     print(report.table())
     print("\nwrote " + ", ".join(paths))
