@@ -135,8 +135,8 @@ def compile_spec(dtype: str, spec: KernelSpec, arch: int) -> Resources:
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = compiled.asm["ptx"]
     regs, spill_st, spill_ld = _ptxas_usage(ptx, arch)
-    return Resources(spec.name, GPU_NAME[arch], dtype, dict(spec.constexprs), spec.num_warps, spec.num_stages, regs, spill_st,
-                     spill_ld, compiled.metadata.shared, SMEM_LIMIT[arch], "mma.sync" in ptx,
+    return Resources(spec.name, GPU_NAME[arch], dtype, dict(spec.constexprs), spec.num_warps, spec.num_stages,
+                     regs, spill_st, spill_ld, compiled.metadata.shared, SMEM_LIMIT[arch], "mma.sync" in ptx,
                      "wgmma.mma_async" in ptx)
 
 
@@ -152,6 +152,7 @@ def spill_bound(r: Resources) -> int:
 
 
 def _compile_job(job: tuple[int, int]) -> Resources:
+    """Worker: (spec index, arch). Specs are rebuilt in the worker: JIT functions do not pickle."""
     index, arch = job
     dtype, spec = all_specs()[index]
     return compile_spec(dtype, spec, arch)

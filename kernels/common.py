@@ -45,12 +45,14 @@ def interpreting() -> bool:
 
 
 def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 inputs use tf32x3 (three tf32 tensor-core products,
-    about fp32 accuracy: the reference is fp32 and tests hold 1e-5), 16-bit inputs multiply natively."""
+    about fp32 accuracy: the reference is fp32 and tests hold 1e-5). 16-bit inputs multiply
+    natively whatever this says (Triton reads it for fp32 operands only)."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
