@@ -106,35 +106,27 @@ class GeneMoments:
 
     def add(self, logx: sp.csr_matrix) -> None:
         """Add a chunk of cells (float32 CSR, cells x genes, non-negative)."""
-        g, (idx, v) = len(self.sum), (logx.indices, logx.data)
         self.n += logx.shape[0]
-        np.maximum(self.x_max, _column_reduce(np.maximum, logx, 0.0), out=self.x_max)
-        positive = logx.copy()
-        positive.data[positive.data <= 0] = np.inf  # stored zeros are not the smallest non-zero value
-        np.minimum(self.min_pos, _column_reduce(np.minimum, positive, np.inf), out=self.min_pos)
-        self.sum += np.bincount(idx, weights=v, minlength=g)
-        self.sumsq += np.bincount(idx, weights=np.square(v, dtype=np.float64), minlength=g)
+        csc = logx.tocsc()  # each gene's values contiguous: one reduceat per statistic
+        filled = np.diff(csc.indptr) > 0
+        if not filled.any():
+            return
+        starts, v = csc.indptr[:-1][filled], csc.data.astype(np.float64)
+        self.x_max[filled] = np.maximum(self.x_max[filled], np.maximum.reduceat(v, starts))
+        positive = np.where(v > 0, v, np.inf)  # stored zeros are not the smallest non-zero value
+        self.min_pos[filled] = np.minimum(self.min_pos[filled], np.minimum.reduceat(positive, starts))
+        self.sum[filled] += np.add.reduceat(v, starts)
+        self.sumsq[filled] += np.add.reduceat(v * v, starts)
         if self.hvg:
-            with np.errstate(over="ignore"):  # counts read as log values overflow; that reading is dropped
-                e = np.expm1(v)  # float32, as scanpy computes it on a float32 matrix
-            self.sum_e += np.bincount(idx, weights=e, minlength=g)
-            self.sumsq_e += np.bincount(idx, weights=np.square(e, dtype=np.float64), minlength=g)
+            e = np.expm1(csc.data).astype(np.float64)  # expm1 in float32, as scanpy on a float32 matrix
+            self.sum_e[filled] += np.add.reduceat(e, starts)
+            self.sumsq_e[filled] += np.add.reduceat(e * e, starts)
 
     def mean_var_expm1(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and unbiased variance of expm1(x) per gene (scanpy's ``_get_mean_var``)."""
         mean = self.sum_e / self.n
         var = (self.sumsq_e / self.n - mean**2) * (self.n / max(self.n - 1, 1))
         return mean, np.maximum(var, 0.0)
-
-
-def _column_reduce(ufunc: np.ufunc, X: sp.csr_matrix, empty: float) -> np.ndarray:
-    """``ufunc.reduce`` over each column's stored values (n_genes,); ``empty`` for a column with none."""
-    csc = X.tocsc()
-    out = np.full(X.shape[1], empty)
-    filled = np.diff(csc.indptr) > 0
-    if filled.any():
-        out[filled] = ufunc.reduceat(csc.data, csc.indptr[:-1][filled])
-    return out
 
 
 def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = HVG_BINS) -> tuple[np.ndarray, np.ndarray]:
@@ -183,29 +175,12 @@ def fit_backed(
     groups = labels if labels is not None else np.zeros(n, np.int64)
     n_groups = max(len(categories), 1)
     hvg = n_top_genes is not None and n_top_genes < g
-    # Integer values mean counts; one non-integer chunk makes the input log-normalized, so
-    # the statistics of both readings are kept until the pass has seen every value.
-    moments = {"counts": GeneMoments(g, hvg), "log-normalized": GeneMoments(g, hvg)}
-    log_lib = np.zeros((3, n_groups))  # per group: cells, sum and sum of squares of log library size
-    zero_lib = 0
-    kind = "counts"
-    for start in range(0, n, chunk_cells):
-        X = matrix[start : start + chunk_cells]
-        if validate_expression(X, what) == "log-normalized":
-            kind = "log-normalized"
-        moments["log-normalized"].add(X)
-        if kind == "counts":
-            lib = np.asarray(X.sum(axis=1)).ravel()
-            zero_lib += int((lib == 0).sum())
-            if zero_lib == 0:
-                logx, lib = log_normalize(X, kind)
-                moments["counts"].add(logx)
-                ll, grp = np.log(lib).astype(np.float64), groups[start : start + chunk_cells]
-                for row, w in enumerate((np.ones_like(ll), ll, ll * ll)):
-                    log_lib[row] += np.bincount(grp, weights=w, minlength=n_groups)
-    if kind == "counts" and zero_lib:
-        raise ValueError(f"{zero_lib} cells have zero total counts; filter them out first")
-    m = moments[kind]
+    # Integer values mean counts. A non-integer value makes the input log-normalized: the pass
+    # starts again reading it so (re-reading only chunks already seen, usually none).
+    kind, stats = "counts", _moments(matrix, "counts", groups, n_groups, hvg, chunk_cells, what)
+    if stats is None:
+        kind, stats = "log-normalized", _moments(matrix, "log-normalized", groups, n_groups, hvg, chunk_cells, what)
+    m, log_lib = stats
     keep = np.arange(g)
     if hvg:
         disp, disp_norm = seurat_dispersions(*m.mean_var_expm1())
@@ -229,3 +204,34 @@ def fit_backed(
         zero_threshold=0.5 * float(min_pos) if np.isfinite(min_pos) else 0.0, log_library=log_library,
     )
     return pre, BackedRows(adata, pre), labels
+
+
+def _moments(
+    matrix: H5Matrix, kind: str, groups: np.ndarray, n_groups: int, hvg: bool, chunk_cells: int, what: str
+) -> tuple[GeneMoments, np.ndarray] | None:
+    """One pass: gene moments of the log-normalized cells and per-group log library sums (3, n_groups).
+
+    Returns None if ``kind`` is "counts" and a non-integer value shows up. Raises on invalid
+    values and, for counts, on cells with zero total counts (all of them counted).
+    """
+    n, g = matrix.shape
+    moments, log_lib, zero_lib = GeneMoments(g, hvg), np.zeros((3, n_groups)), 0
+    for start in range(0, n, chunk_cells):
+        X = matrix[start : start + chunk_cells]
+        if validate_expression(X, what) == "log-normalized" and kind == "counts":
+            return None
+        if kind == "log-normalized":
+            moments.add(X)
+            continue
+        lib = np.asarray(X.sum(axis=1)).ravel()
+        zero_lib += int((lib == 0).sum())
+        if zero_lib:
+            continue  # an error unless a later chunk shows the input is log-normalized
+        logx, lib = log_normalize(X, kind)
+        moments.add(logx)
+        ll = np.log(lib).astype(np.float64)
+        for row, w in enumerate((np.ones_like(ll), ll, ll * ll)):
+            log_lib[row] += np.bincount(groups[start : start + chunk_cells], weights=w, minlength=n_groups)
+    if zero_lib:
+        raise ValueError(f"{zero_lib} cells have zero total counts; filter them out first")
+    return moments, log_lib
