@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from wbdit import datasets
 from wbdit.cli import main
@@ -17,15 +16,6 @@ from wbdit.data import read_h5ad, write_h5ad
 from wbdit.trainer import CHECKPOINT, LOG, load_checkpoint
 
 TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "10"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits that make a busy 2-core machine 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +28,8 @@ def data_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "x"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     rc = main(["train", str(data_file), "--label-key", "cell_type", "--out", str(out), "--epochs", "2",
                "--batch-size", "16", "--device", "cpu", "--seed", "1", *TINY])
-    torch.set_num_threads(n)
     assert rc == 0
     return out
 

@@ -15,15 +15,6 @@ from wbdit import datasets
 from wbdit.data import CellBatches, Preprocessor, log_normalize, read_h5ad, validate_expression, write_h5ad
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits that make a busy 2-core machine 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def counts_adata(n_cells=40, n_genes=30, sparse=True, seed=0) -> ad.AnnData:
     a = datasets.synthetic(n_cells, n_genes, n_types=3, markers_per_type=4, seed=seed)
     if not sparse:

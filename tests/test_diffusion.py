@@ -11,15 +11,6 @@ from wbdit.diffusion import GaussianDiffusion, make_betas
 from wbdit.model import WhiteBoxDiT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits that make a busy 2-core machine 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def closed_form_alphas_cumprod(T: int) -> np.ndarray:
     return np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))
 

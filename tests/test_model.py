@@ -20,15 +20,6 @@ ARCHS = [WhiteBoxDiT, DiT]
 TINY = dict(hidden_size=32, depth=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits that make a busy 2-core machine 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Overwrite every parameter (zero-init ones included) with fresh non-zero values."""
     g = torch.Generator().manual_seed(seed)

@@ -19,15 +19,6 @@ from wbdit.trainer import CHECKPOINT, LOG, Run, TrainConfig, load_checkpoint, tr
 TINY = dict(patch_size=10, hidden_size=32, depth=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits that make a busy 2-core machine 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(cls=WhiteBoxDiT, **over):
     return lambda n_genes, num_classes: cls(n_genes=n_genes, num_classes=num_classes, **{**TINY, **over})
 
@@ -45,11 +36,8 @@ def quick_train(adata, out_dir, model=None, **kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A conditional run trained on counts for a few epochs (sampling tests share it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run") / "r"
     quick_train(tiny_data(), out, label_key="cell_type", epochs=3)
-    torch.set_num_threads(n)
     return out
 
 
