@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = train(adata, model, label_key=args.label_key, out_dir=args.out, config=config,
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
                 layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, resume=args.resume,
-                device=args.device)
+                eval_data=read_h5ad(args.eval_data) if args.eval_data else None, device=args.device)
     last = run.history[-1] if run.history else {}
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
         print(f"trained {run.epoch} epochs -> {args.out} (loss {last.get('loss', float('nan')):.4f})")
@@ -63,7 +63,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from wbdit.evaluation import cli_evaluate
 
-    cli_evaluate(args.real, args.generated, args.output, label_key=args.label_key, n_pcs=args.n_pcs, seed=args.seed)
+    cli_evaluate(args.real, args.generated, args.output, label_key=args.label_key, n_pcs=args.n_pcs, seed=args.seed,
+                 reference_path=args.reference)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every K epochs (0: never)")
+    t.add_argument("--eval-data", help="held-out real cells (.h5ad) to evaluate against (default: the training cells)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("generated", help="generated cells .h5ad")
     e.add_argument("-o", "--output", required=True, help="report directory")
     e.add_argument("--label-key", help="obs column with cell types (in both files)")
+    e.add_argument("--reference", help="the cells the generator was trained on (.h5ad): the PCA is fit on them "
+                   "and the real-vs-real floor compares them with REAL")
     e.add_argument("--n-pcs", type=_positive_int, default=30)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)

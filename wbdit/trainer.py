@@ -282,7 +282,7 @@ def train(
         record = dict(epoch=epoch + 1, step=step, loss=total / max(n, 1), epoch_time_s=dt, cells_per_s=(n - n0) / dt)
         if config.eval_every and (epoch + 1) % config.eval_every == 0 and dist.is_main:
             run = Run(out_dir, ema, pre, diffusion, config, epoch + 1, [])
-            record["eval"] = _evaluate_during_training(run, eval_data if eval_data is not None else adata, config, device)
+            record["eval"] = _evaluate_during_training(run, adata, eval_data, config, device)
         if hook is not None:
             hook.on_epoch_end(record)
         checkpoint(epoch + 1, 0, (0.0, 0), record)
@@ -331,9 +331,14 @@ def _truncate_log(out_dir: Path, epoch: int) -> None:
         Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _evaluate_during_training(run: Run, real: ad.AnnData, config: TrainConfig, device) -> dict:
+def _evaluate_during_training(run: Run, train_data: ad.AnnData, held_out: ad.AnnData | None, config: TrainConfig,
+                              device) -> dict:
+    """Headline metrics of ``config.eval_cells`` EMA samples against held-out cells when given
+    (the PCA then fit on the training cells, so real and generated are both unseen), else
+    against the training cells."""
     from wbdit.evaluation import evaluate
     from wbdit.sampling import sample
 
     gen = sample(run, n_cells=config.eval_cells, seed=config.seed, device=device, progress=False)
-    return evaluate(real, gen, label_key=run.preprocessor.label_key, baselines=False).headline()
+    real, reference = (held_out, train_data) if held_out is not None else (train_data, None)
+    return evaluate(real, gen, label_key=run.preprocessor.label_key, baselines=False, reference=reference).headline()
