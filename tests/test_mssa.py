@@ -7,6 +7,8 @@ without CUDA.
 """
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +155,15 @@ def test_rejects_unsupported_inputs():
         kmssa.mssa(torch.randn(1, 4, 256, device=DEVICE), 1)
     with pytest.raises(ValueError, match="divisible"):
         kmssa.mssa(torch.randn(1, 4, 66, device=DEVICE), 4)
+
+
+def test_without_triton_the_import_fails_cleanly_and_ops_says_why():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "try:\n    import wbdit.kernels\nexcept ImportError:\n    pass\nelse:\n    sys.exit('imported')\n"
+            "from wbdit import ops\nprint(ops.available()['unavailable'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "triton: ModuleNotFoundError" in proc.stdout  # a subclass of ImportError
 
 
 @cuda_only
