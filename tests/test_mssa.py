@@ -167,8 +167,10 @@ def test_without_triton_the_import_fails_cleanly_and_ops_says_why():
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,N,heads,d", [(256, 200, 8, 96), (4, 257, 4, 128), (8, 200, 12, 64), (2, 1, 2, 32)])
+@pytest.mark.parametrize("dtype,B,N,heads,d", [
+    (torch.bfloat16, 256, 200, 8, 96), (torch.bfloat16, 4, 257, 4, 128), (torch.bfloat16, 8, 200, 12, 64),
+    (torch.bfloat16, 2, 1, 2, 32), (torch.float16, 256, 200, 8, 96),
+])
 def test_gpu_16bit_matches_reference(dtype, B, N, heads, d):
     w, dout = _inputs(B, N, heads, d, 1.0, seed=13, dtype=dtype)
     exp_out, _, exp_dw = _expected(w, dout, heads)
