@@ -7,6 +7,7 @@ the heuristics choose are exactly the ones whose registers and shared memory get
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, NamedTuple
 
@@ -65,6 +66,12 @@ def check_device(*tensors: Tensor) -> None:
             )
         if t.dtype not in TRITON_DTYPE:
             raise TypeError(f"Triton kernels support float32, bfloat16 and float16, got {t.dtype}")
+
+
+def on_device(t: Tensor):
+    """Context that makes ``t``'s GPU the current one: Triton launches on the current device,
+    which need not be the tensors' (several GPUs in one process)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:

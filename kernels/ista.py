@@ -49,6 +49,7 @@ from .common import (
     dot_precision,
     int_arg,
     interpreter_upcast,
+    on_device,
 )
 
 
@@ -327,7 +328,8 @@ def ista_fwd(x: Tensor, D: Tensor, eta: float, lmbda: float) -> tuple[Tensor, Te
     x2, Dc = interpreter_upcast(x.reshape(-1, x.shape[-1]).contiguous(), D.contiguous())
     r = torch.empty_like(x2)
     out = torch.empty_like(x2)
-    forward_into(x2, Dc, eta, lmbda, r, out)
+    with on_device(x):
+        forward_into(x2, Dc, eta, lmbda, r, out)
     return out.to(x.dtype).view_as(x), r.to(x.dtype).view_as(x)
 
 
@@ -345,7 +347,8 @@ def ista_bwd(dout: Tensor, x: Tensor, D: Tensor, r: Tensor, out: Tensor, eta: fl
         *(t.reshape(-1, H).contiguous() for t in (dout, x, D, r, out)))
     dx = torch.empty_like(x2)
     dD = torch.empty_like(Dc)
-    backward_into(dout2, x2, Dc, r2, out2, eta, dx, dD)
+    with on_device(x):
+        backward_into(dout2, x2, Dc, r2, out2, eta, dx, dD)
     return dx.to(x.dtype).view_as(x), dD.to(D.dtype)
 
 

@@ -61,6 +61,7 @@ from .common import (
     int_arg,
     interpreter_upcast,
     next_pow2,
+    on_device,
 )
 
 LOG2E = 1.4426950408889634
@@ -319,7 +320,8 @@ def mssa_fwd(w: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
     (wc,) = interpreter_upcast(w.contiguous())
     out = torch.empty_like(wc)
     lse = torch.empty((w.shape[0], num_heads, w.shape[1]), device=w.device, dtype=torch.float32)
-    forward_into(wc, num_heads, out, lse)
+    with on_device(w):
+        forward_into(wc, num_heads, out, lse)
     return out.to(w.dtype), lse
 
 
@@ -334,7 +336,8 @@ def mssa_bwd(dout: Tensor, w: Tensor, out: Tensor, lse: Tensor, num_heads: int) 
     check_device(dout, w, out)
     dout_c, wc, out_c = interpreter_upcast(dout.contiguous(), w.contiguous(), out.contiguous())
     dw = torch.empty_like(wc)
-    backward_into(dout_c, wc, out_c, lse.contiguous(), num_heads, dw)
+    with on_device(w):
+        backward_into(dout_c, wc, out_c, lse.contiguous(), num_heads, dw)
     return dw.to(w.dtype)
 
 
