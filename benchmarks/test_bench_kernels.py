@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from wbdit import ops, reference  # noqa: E402
-from wbdit.kernels import ista as kista  # noqa: E402
-from wbdit.kernels import mssa as kmssa  # noqa: E402
+from wbdit.kernels import ista as kista
+from wbdit.kernels import mssa as kmssa
+
+from wbdit import ops
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

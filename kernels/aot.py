@@ -191,7 +191,10 @@ def results_section(rows: list[Resources]) -> str:
 
 def update_results(path: str, rows: list[Resources]) -> None:
     """Replace (or append) this section of the Markdown file at ``path``, leaving the rest alone."""
-    text = open(path).read() if os.path.exists(path) else "# Results\n"
+    text = "# Results\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
     section = results_section(rows)
     start = text.find(RESULTS_HEADING)
     if start < 0:

@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from wbdit import ops, reference  # noqa: E402
-from wbdit.kernels import ista as kista  # noqa: E402
+from wbdit import ops, reference
+from wbdit.kernels import ista as kista
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -105,6 +105,7 @@ def test_16bit_tile_configs(monkeypatch, lead, H):
     x2, dout2 = x.reshape(-1, H), dout.reshape(-1, H)
     r, out = torch.full_like(x2, float("nan")), torch.full_like(x2, float("nan"))
     kista.forward_into(x2, D, 0.3, 0.05, r, out)
+    _close(r, exp_r.reshape(-1, H))
     dx, dD = torch.full_like(x2, float("nan")), torch.full_like(D, float("nan"))
     kista.backward_into(dout2, x2, D, r, out, 0.3, dx, dD)
     _close(out, exp_out.reshape(-1, H))

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
-from wbdit.kernels import aot  # noqa: E402
+from wbdit.kernels import aot
 
 CONFIGS = [(dtype, spec.name, spec.constexprs, spec.num_warps, spec.num_stages) for dtype, spec in aot.all_specs()]
 
@@ -33,7 +33,7 @@ def resources(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "wbdit.kernels.aot", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=1200)
+                          env=env, check=False, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(proc.stdout)  # the table, shown with pytest -s
     rows = [aot.Resources(**r) for r in json.loads(out.read_text())]
