@@ -24,10 +24,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from wbdit import ops
 from wbdit.kernels import ista as kista
 from wbdit.kernels import mssa as kmssa
-
-from wbdit import ops
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
