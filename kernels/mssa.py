@@ -11,9 +11,8 @@ Forward
   the tile W_J loaded for S_IJ = c W_I W_J^T is the same tile used for P_IJ W_J (one read
   stream serves K and V). Online softmax keeps a running max and sum per row, so the
   N x N matrix never reaches memory. exp is computed as exp2 with log2(e) folded into c, and L
-  stays in those log2 units so the backward recomputes P = 2^(S' - L) from the same scaled
-  scores S' = log2(e) S the forward used: with saturated rows (large inputs, S ~ 1e4) a detour
-  through natural-log units would round S' - L by ~1e-3 and P by as much.
+  stays in those log2 units, so the backward recomputes P = 2^(S' - L) from the same scaled
+  scores S' = log2(e) S the forward used, with no unit conversion (and its rounding) between.
 
 Backward (given dO = dL/dO)
     delta_i = sum_k dO_ik O_ik                       (preprocessing kernel, fp32)
@@ -35,7 +34,8 @@ Backward (given dO = dL/dO)
 Cost per (b, h), N tokens, head dim d (padded to BLOCK_D, a power of two, inside the kernel;
 the padding is masked, so d = 96 computes on 128 columns):
     forward   4 N^2 d FLOPs (2 GEMMs);  compulsory bytes: read w, write O (N d each) + 4 N for L
-    backward 10 N^2 d FLOPs (5 GEMMs);  compulsory bytes: read w, O, dO, write dW (N d each) + 8 N
+    backward 10 N^2 d FLOPs (5 GEMMs);  compulsory bytes: read w, O, dO, write dW (N d each)
+                                        + 12 N (read L, write and read delta)
 The streamed re-reads of W_J (and dO_J) hit L2: the (b, h) slice is N d elements (38 KB at
 N = 200, d = 96, bf16).
 
