@@ -72,7 +72,9 @@ def extension_modules():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.join("csrc", "wbdit.cpp")]
-    extra = {"cxx": ["-O3"]}  # no -std: torch adds the standard its headers need
+    # No -std: torch adds the standard its headers need. -g0 overrides the -g of Python's own
+    # CFLAGS: debug info for torch's templates is most of the compile time and of the .so.
+    extra = {"cxx": ["-O3", "-g0"]}
     include_dirs = [os.path.join(here, "csrc")]
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home

@@ -217,7 +217,17 @@ def test_whitebox_dit_fused_input_path_uses_the_extension(monkeypatch):
 
 
 def _cuda_toolkit_present() -> bool:
-    return bool(shutil.which("nvcc") or os.environ.get("CUDA_HOME") or os.path.isfile("/usr/local/cuda/bin/nvcc"))
+    """setup.py's rule: a root with bin/nvcc and include/cuda_runtime.h, from $CUDA_HOME,
+    $CUDA_PATH, the real location of nvcc on PATH, or /usr/local/cuda*."""
+    nvcc = shutil.which("nvcc")
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    roots += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    roots += ["/usr/local/cuda"] + glob.glob("/usr/local/cuda-*")
+    return any(
+        os.path.isfile(os.path.join(r, "bin", "nvcc")) and os.path.isfile(os.path.join(r, "include", "cuda_runtime.h"))
+        for r in roots
+        if r
+    )
 
 
 def _cuobjdump() -> str | None:
