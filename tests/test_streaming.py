@@ -19,6 +19,7 @@ from wbdit.streaming import fit_backed
 from wbdit.trainer import TrainHook, load_checkpoint
 
 TINY = dict(patch_size=10, hidden_size=32, depth=1, num_heads=2)
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as conftest gives this process
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_a_file_larger_than_the_memory_cap_trains_within_it(tmp_path):
     matrix_bytes = f.X.group["data"].nbytes + f.X.group["indices"].nbytes
     assert os.path.getsize(path) > cap and matrix_bytes > cap  # loading it could not fit
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path), str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=CHILD_ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["growth"] < cap, f"peak RSS grew {result['growth'] / 2**20:.0f} MiB"
@@ -232,7 +233,8 @@ def test_killed_mid_epoch_resumes_without_losing_steps_or_corrupting_the_checkpo
 
     killed = tmp_path / "killed"
     out = subprocess.run([sys.executable, "-c", KILL_CHILD, str(path), str(killed), str(tmp_path / "losses.jsonl"),
-                          json.dumps(TINY), json.dumps(config)], capture_output=True, text=True, timeout=300)
+                          json.dumps(TINY), json.dumps(config)], capture_output=True, text=True, timeout=300,
+                         env=CHILD_ENV)
     assert out.returncode == -9, out.stderr[-3000:]
     before = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(before, ref.losses[:6], rtol=1e-6)  # ran 6 steps, died saving the 6th

@@ -25,6 +25,8 @@ Differences from the in-memory ``Preprocessor.fit``, all within float rounding:
 
 Each chunk costs one contiguous read. obs (cell names, labels) is still held in memory, as
 anndata does for backed files: about 100 bytes per cell against kilobytes for its expression.
+anndata also loads every layer when it opens a file backed: streamed training saves memory
+when the counts are in ``X``.
 """
 from __future__ import annotations
 
