@@ -69,6 +69,20 @@ def test_patch_embed_cpu_float64_is_exact_to_rounding():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_patch_embed_backward_without_dx():
+    # Training: x is data, so autograd asks for dW and db only and the kernel skips dx.
+    x, w, b, pos = _inputs(4, 37, 10, 16)
+    grad = torch.randn(4, 4, 16)
+    dx, dw, db = torch.ops.wbdit.patch_embed_backward(grad, x, w, True)
+    no_dx, dw2, db2 = torch.ops.wbdit.patch_embed_backward(grad, x, w, False)
+    assert dx.shape == x.shape and no_dx.shape == (0,)
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)
+    w.requires_grad_()
+    out = extension.patch_embed(x, w, b, pos)
+    (got,) = torch.autograd.grad(out, w, grad)
+    torch.testing.assert_close(got, dw)
+
+
 @pytest.mark.parametrize("N", [3, 8])
 def test_patch_embed_cpu_crop_and_extra_padding(N):
     # N * p < G crops x (F.pad with a negative pad); N * p > G + p adds all-zero patches.
@@ -171,6 +185,7 @@ def test_opcheck_patch_embed():
     torch.library.opcheck(torch.ops.wbdit.patch_embed, (x, w, b, pos))
     torch.library.opcheck(torch.ops.wbdit.patch_embed, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), pos))
     torch.library.opcheck(torch.ops.wbdit.patch_embed_backward, (torch.randn(3, 3, 8), x.detach(), w.detach()))
+    torch.library.opcheck(torch.ops.wbdit.patch_embed_backward, (torch.randn(3, 3, 8), x.detach(), w.detach(), False))
 
 
 def test_opcheck_timestep_embedding():

@@ -26,6 +26,8 @@ except ImportError as exc:
     ) from exc
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Timestep dtypes both kernels take (the CUDA one dispatches on t's dtype; the CPU one casts).
+TIMESTEP_DTYPES = FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def has_cuda() -> bool:
@@ -134,7 +136,7 @@ def _timestep_supports(device_type: str):
         return (
             t.device.type == device_type
             and t.dim() == 1
-            and not (t.dtype == torch.bool or t.dtype.is_complex)
+            and t.dtype in TIMESTEP_DTYPES
             and int(dim) > 0
             and int(dim) % 2 == 0  # odd dims go to the reference, which raises its ValueError
         )
