@@ -9,9 +9,10 @@
 //
 // Why these shapes of kernel: at the seed shape (B=256, N=200, H=768) the (B*N, H) activations
 // are 157 MB in fp32 while x, W, bias and pos together are under 3 MB, so the forward is one
-// write of the output (the reference writes it three times: GEMM, bias, + pos) and the backward
-// reads dout twice (dx, then dW with db) where the reference reads it three times, and once
-// when dx is not wanted (training: x is data) where the reference reads it twice.
+// write of the output (the reference writes the GEMM-with-bias output, then reads it and writes
+// `+ pos` into a second tensor), and the backward reads dout twice (dx, then dW with db) where
+// the reference reads it three times (two GEMMs and the bias sum), and once when dx is not wanted
+// (training: x is data) where the reference reads it twice.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
