@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -226,6 +227,31 @@ def test_whitebox_dit_fused_input_path_uses_the_extension(monkeypatch):
     assert ops.report()["timestep_embedding"] == "cpu-ext"
     model.fused = False
     torch.testing.assert_close(out, model(x, t), rtol=1e-4, atol=1e-5)
+
+
+def test_missing_extension_falls_back_to_the_reference_loudly():
+    # A pure-Python install: wbdit._C cannot be imported. Run in a fresh interpreter, since this
+    # one has loaded the library for good.
+    code = """
+import sys, warnings, torch
+sys.modules["wbdit._C"] = None  # makes `from wbdit import _C` raise ImportError
+from wbdit import ops, reference
+x, w, b, pos = torch.randn(2, 25), torch.randn(8, 10), torch.randn(8), torch.randn(3, 8)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = ops.patch_embed(x, w, b, pos, fused=True)
+    ops.patch_embed(x, w, b, pos, fused=True)
+assert torch.equal(out, reference.patch_embed(x, w, b, pos))
+assert ops.report()["patch_embed"] == "reference (fallback)"
+assert len(caught) == 1 and "not built" in str(caught[0].message), [str(c.message) for c in caught]
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0", WBDIT_STRICT_FUSED="0")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    strict = code.replace("from wbdit import ops", "import os; os.environ['WBDIT_STRICT_FUSED'] = '1'\nfrom wbdit import ops")
+    run = subprocess.run([sys.executable, "-c", strict], capture_output=True, text=True, env=env)
+    assert run.returncode != 0 and "RuntimeError" in run.stderr and "not built" in run.stderr, run.stderr
 
 
 # ------------------------------------------------------------------ the CUDA build
