@@ -42,7 +42,7 @@ def test_two_gloo_processes_match_one_process_and_resume_with_another_world_size
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "wbdit", "train", *args, "--out", str(tmp_path / "two"), "--epochs", "2"],
-        capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"}, check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("trained 2 epochs") == 1  # rank 0 alone reports

@@ -39,7 +39,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from wbdit.data import (
-    CHUNK_CELLS, SCALINGS, Preprocessor, encode_labels, log_normalize, scaling_parameters, top_genes,
+    CHUNK_CELLS,
+    SCALINGS,
+    Preprocessor,
+    encode_labels,
+    log_normalize,
+    scaling_parameters,
+    top_genes,
     validate_expression,
 )
 
