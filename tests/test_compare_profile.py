@@ -47,7 +47,7 @@ def test_compare_in_process(tmp_path):
             steps_cells = (n_train // 32) * 32  # whole batches only
             assert r["epoch_time_s"] > 0
             assert abs(r["cells_per_s"] * r["epoch_time_s"] - steps_cells) <= 32
-            assert 0.5 < r["loss"] < 2.0  # epsilon MSE of a barely trained model is near 1
+            assert 0.05 < r["loss"] < 2.0  # x0-prediction MSE of a barely trained model: mean x0^2 < 1
             assert 50 * MiB < r["peak_mem_bytes"] < 16 * 2**30  # a torch process's resident set
         assert m["summary"]["timed_epochs"] == [2]  # the first epoch is excluded as warm-up
         if HAS_EVAL:

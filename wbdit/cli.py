@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from wbdit.diffusion import PREDICTIONS, SCHEDULES
+from wbdit.trainer import DEFAULT_PREDICTION, TrainConfig
 
 
 def _cell_type_count(text: str) -> tuple[str, int]:
@@ -142,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", type=_positive_int)
     t.add_argument("--num-heads", type=_positive_int)
     t.add_argument("--schedule", choices=SCHEDULES, default="linear")
-    t.add_argument("--prediction", choices=PREDICTIONS, default="epsilon")
-    t.add_argument("--epochs", type=_positive_int, default=100)
-    t.add_argument("--batch-size", type=_positive_int, default=128)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--prediction", choices=PREDICTIONS, default=DEFAULT_PREDICTION)
+    t.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
+    t.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
+    t.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (the seed recipe: 1e-4)")
+    t.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    t.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every K epochs (0: never)")
     t.add_argument("--eval-data", help="held-out real cells (.h5ad) to evaluate against (default: the training cells)")
     t.add_argument("--seed", type=int, default=0)

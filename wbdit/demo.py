@@ -17,8 +17,8 @@ from wbdit.sampling import sample
 from wbdit.trainer import TrainConfig, train
 
 # Settings chosen by the experiments in benchmarks/QUALITY.md.
-DEMO_CONFIG = TrainConfig(epochs=60, batch_size=64, lr=1e-3, warmup_steps=50, ema_decay=0.995)
-DEMO_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, cfg_scale=1.0)
+DEMO_CONFIG = TrainConfig(epochs=300)
+DEMO_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, cfg_scale=1.5)
 HELD_OUT = 0.3
 
 

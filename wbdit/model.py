@@ -227,7 +227,7 @@ MODELS: dict[str, type[_GeneDiT]] = {"wbdit": WhiteBoxDiT, "dit": DiT}
 # datasets of thousands of cells on a CPU (benchmarks/QUALITY.md).
 PRESETS: dict[str, dict[str, int]] = {
     "seed": dict(patch_size=10, hidden_size=768, depth=3, num_heads=8),
-    "small": dict(patch_size=10, hidden_size=256, depth=3, num_heads=4),
+    "small": dict(patch_size=10, hidden_size=128, depth=2, num_heads=4),
 }
 
 

@@ -37,14 +37,18 @@ FORMAT_VERSION = 1
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; saved with the checkpoint and checked on resume."""
+    """Optimisation settings; saved with the checkpoint and checked on resume.
+
+    Defaults are the measured best for the "small" preset on datasets of hundreds to
+    thousands of cells (benchmarks/QUALITY.md); the paper's seed recipe is lr 1e-4.
+    """
 
     epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-4
+    batch_size: int = 32
+    lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    ema_decay: float = 0.999
+    warmup_steps: int = 50
+    ema_decay: float = 0.995
     grad_clip: float = 1.0
     label_dropout: float = 0.1
     seed: int = 0
@@ -56,6 +60,7 @@ class TrainConfig:
     window_chunks: int = WINDOW_CHUNKS  # shuffled together this many chunks at a time (data.epoch_windows)
 
 
+DEFAULT_PREDICTION = "x0"  # measured better than epsilon on PBMC (benchmarks/QUALITY.md)
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "max_steps")  # may differ when resuming
 
 
@@ -197,7 +202,7 @@ def train(
     device = torch.device(device) if device is not None else default_device()
     dist = distributed.setup(device)  # under torchrun: join the process group; cuda -> cuda:LOCAL_RANK
     device = dist.device
-    diffusion = diffusion or GaussianDiffusion()
+    diffusion = diffusion or GaussianDiffusion(prediction=DEFAULT_PREDICTION)
     out_dir = Path(out_dir)
     fit = fit_backed if adata.isbacked else Preprocessor.fit
     pre, logx, labels = fit(adata, label_key, layer, n_top_genes, scaling)
