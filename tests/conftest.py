@@ -1,7 +1,10 @@
-"""Test-wide settings: Triton kernels run through the interpreter when no GPU is present."""
+"""Test-wide settings: Triton kernels run through the interpreter when no GPU is present;
+tiny tensors run on one thread that waits passively (see wbdit/__init__.py)."""
 import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
+
+import torch  # noqa: E402
 
 # Must be set before any Triton kernel is decorated: it picks the interpreter at import.
 if not torch.cuda.is_available():
@@ -10,6 +13,6 @@ if not torch.cuda.is_available():
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
-# The tests use tiny tensors: one thread avoids OpenMP spin-waits, which made a tiny training
-# step ~35x slower on a busy 2-core machine.
+# The tests use tiny tensors: one thread avoids OpenMP start-up and spin-waits, which made a
+# tiny training step ~35x slower on a busy 2-core machine.
 torch.set_num_threads(1)

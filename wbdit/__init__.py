@@ -10,7 +10,7 @@ import os
 
 # OpenMP threads that spin while waiting make small CPU training steps 10-30x slower as soon
 # as another process shares the cores (measured: 67 ms vs 530-2700 ms per step on 2 busy
-# cores). Passive waiting costs nothing measurable when idle. Read when torch starts OpenMP,
+# cores; 68 ms with active waiting on a quiet moment). Read when torch starts OpenMP,
 # so it only takes effect if torch was not imported before wbdit; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
