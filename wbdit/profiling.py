@@ -47,8 +47,8 @@ def describe_machine(device: torch.device | str) -> dict[str, object]:
     """What a timing was measured on: device name, CPU, core and thread counts, library versions."""
     device = torch.device(device)
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
     info: dict[str, object] = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
@@ -100,8 +100,7 @@ class PeakMemory:
             return int(torch.cuda.max_memory_allocated(self.device))
         if self.scope == "since reset":
             with contextlib.suppress(OSError, StopIteration, ValueError):
-                line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-                return int(line.split()[1]) * 1024
+                return _proc_status_bytes("VmHWM")
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     def current(self) -> int:
@@ -109,9 +108,15 @@ class PeakMemory:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         with contextlib.suppress(OSError, StopIteration, ValueError):
-            line = next(line for line in open("/proc/self/status") if line.startswith("VmRSS:"))
-            return int(line.split()[1]) * 1024
+            return _proc_status_bytes("VmRSS")
         return self.peak()
+
+
+def _proc_status_bytes(key: str) -> int:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM", given in KiB) in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def nsys_command(out_dir: str | os.PathLike, program: list[str]) -> str:
