@@ -11,6 +11,7 @@ package raises ImportError when Triton is not installed.
 import triton  # noqa: F401  (fail at import, cleanly, when Triton is missing)
 
 from . import ista, mssa
+from .common import TRITON_DTYPE
 
 __all__ = ["ista", "mssa", "register_ops"]
 
@@ -19,5 +20,11 @@ def register_ops(register, supports) -> None:
     """Register the Triton implementations with a dispatcher: ``register(op, name, supports,
     priority)`` returns a decorator (``wbdit.ops.register``); ``supports(*args)`` says whether
     Triton can run on the arguments (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    register("mssa", "triton", supports, priority=10)(mssa.mssa)
-    register("ista", "triton", supports, priority=10)(ista.ista)
+    def mssa_ok(w, num_heads) -> bool:  # other head dims and dtypes fall back (with a warning)
+        return supports(w) and w.dtype in TRITON_DTYPE and w.shape[-1] // num_heads <= mssa.MAX_HEAD_DIM
+
+    def ista_ok(x, D, eta, lmbda) -> bool:
+        return supports(x) and x.dtype in TRITON_DTYPE and D.dtype == x.dtype
+
+    register("mssa", "triton", mssa_ok, priority=10)(mssa.mssa)
+    register("ista", "triton", ista_ok, priority=10)(ista.ista)

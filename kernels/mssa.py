@@ -218,10 +218,13 @@ _BWD_CONFIGS = {
 }
 
 
+MAX_HEAD_DIM = 128  # one head's tile must sit in registers next to the score tile
+
+
 def _block_d(head_dim: int) -> int:
     """Head dim padded to a power of two (masked in the kernels), at least 32, at most 128."""
-    if head_dim > 128:
-        raise ValueError(f"MSSA kernels support head dims up to 128, got {head_dim}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"MSSA kernels support head dims up to {MAX_HEAD_DIM}, got {head_dim}")
     return max(32, next_pow2(head_dim))
 
 

@@ -76,3 +76,27 @@ def test_torch_compile_of_fused_model():
     out.square().mean().backward()
     assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_head_dim_beyond_the_kernels_is_not_sent_to_triton(monkeypatch):
+    """Head dim 136 > 128: the Triton MSSA declines; the next implementation runs (the CPU fast
+    path here; on CUDA the reference with a warning, an error when strict), equal to fused=False."""
+    wide = wbdit.WhiteBoxDiT(n_genes=47, patch_size=10, hidden_size=136, depth=1, num_heads=1).to(DEVICE)
+    x, t = torch.randn(2, 47).to(DEVICE), torch.tensor([5, 900]).to(DEVICE)
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    wide.fused = False
+    expected = wide(x, t)
+    wide.fused = True
+    monkeypatch.setattr(ops, "_WARNED", set())
+    if DEVICE == "cpu":
+        out = wide(x, t)
+        assert ops.report()["mssa"] == "cpu-sdpa" and ops.report()["ista"] == "triton"
+    else:
+        with pytest.warns(RuntimeWarning, match="no fast implementation of mssa"):
+            out = wide(x, t)
+        monkeypatch.setenv("WBDIT_STRICT_FUSED", "1")
+        with pytest.raises(RuntimeError, match="WBDIT_STRICT_FUSED=1"):
+            wide(x, t)
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-6)
