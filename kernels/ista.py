@@ -94,6 +94,13 @@ def _tile_ids(M, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile_ptrs(offs_m, offs_n, M, H):
+    """Offsets into a row-major (M, H) tensor for the tile, and its in-bounds mask."""
+    ptrs = offs_m.to(tl.int64)[:, None] * H + offs_n[None, :]
+    return ptrs, (offs_m < M)[:, None] & (offs_n < H)[None, :]
+
+
+@triton.jit
 def _ista_residual_kernel(
     x_ptr, d_ptr, r_ptr, M, H,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -102,8 +109,7 @@ def _ista_residual_kernel(
     offs_m, offs_n = _tile_ids(M, H, BLOCK_M, BLOCK_N)
     acc = _rows_times_d(x_ptr, x_ptr, d_ptr, offs_m, offs_n, M, H, True, False,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    ptrs = offs_m.to(tl.int64)[:, None] * H + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < H)[None, :]
+    ptrs, mask = _tile_ptrs(offs_m, offs_n, M, H)
     x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(r_ptr + ptrs, (x - acc).to(r_ptr.dtype.element_ty), mask=mask)
 
@@ -117,8 +123,7 @@ def _ista_step_kernel(
     offs_m, offs_n = _tile_ids(M, H, BLOCK_M, BLOCK_N)
     acc = _rows_times_d(r_ptr, r_ptr, d_ptr, offs_m, offs_n, M, H, False, False,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    ptrs = offs_m.to(tl.int64)[:, None] * H + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < H)[None, :]
+    ptrs, mask = _tile_ptrs(offs_m, offs_n, M, H)
     x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     out = tl.maximum(x + eta * acc - threshold, 0.0)
     tl.store(out_ptr + ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -133,8 +138,7 @@ def _ista_bwd_s_kernel(
     offs_m, offs_n = _tile_ids(M, H, BLOCK_M, BLOCK_N)
     acc = _rows_times_d(dout_ptr, out_ptr, d_ptr, offs_m, offs_n, M, H, True, True,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    ptrs = offs_m.to(tl.int64)[:, None] * H + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < H)[None, :]
+    ptrs, mask = _tile_ptrs(offs_m, offs_n, M, H)
     tl.store(s_ptr + ptrs, acc.to(s_ptr.dtype.element_ty), mask=mask)
 
 
@@ -147,8 +151,7 @@ def _ista_bwd_dx_kernel(
     offs_m, offs_n = _tile_ids(M, H, BLOCK_M, BLOCK_N)
     acc = _rows_times_d(s_ptr, s_ptr, d_ptr, offs_m, offs_n, M, H, False, False,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    ptrs = offs_m.to(tl.int64)[:, None] * H + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < H)[None, :]
+    ptrs, mask = _tile_ptrs(offs_m, offs_n, M, H)
     out = tl.load(out_ptr + ptrs, mask=mask, other=0.0)
     g = tl.where(out > 0, tl.load(dout_ptr + ptrs, mask=mask, other=0.0).to(tl.float32), 0.0)
     s = tl.load(s_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)

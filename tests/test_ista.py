@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("triton")  # tests/conftest.py runs Triton through its interpreter without a GPU
 
+from closeness import assert_close_to_max as _close
+
 from wbdit import ops, reference
 from wbdit.kernels import ista as kista
 
@@ -64,13 +66,6 @@ def _expected(x, D, dout, eta, lmbda, gate=None):
         dx, dD = torch.autograd.grad(z * gate.double(), (x64, D64), dout.double())
     r = (x64 - x64 @ D64.t()).detach()
     return out.detach(), r, dx, dD
-
-
-def _close(actual, expected, rel=1e-5):
-    """Equal up to ``rel`` of the expected tensor's largest magnitude; NaN or inf never passes."""
-    assert torch.isfinite(actual).all()
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rel, atol=rel * max(scale, 1e-30))
 
 
 @pytest.mark.parametrize("lead,H,eta,lmbda,scale", CASES)

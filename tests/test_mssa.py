@@ -14,6 +14,8 @@ import torch
 
 pytest.importorskip("triton")  # tests/conftest.py runs Triton through its interpreter without a GPU
 
+from closeness import assert_close_to_max as _close
+
 from wbdit import ops, reference
 from wbdit.kernels import mssa as kmssa
 
@@ -59,13 +61,6 @@ def _expected(w, dout, heads):
     wh = w64.detach().view(B, N, heads, C // heads).transpose(1, 2)
     lse = torch.logsumexp(wh @ wh.transpose(-1, -2) * (C // heads) ** -0.5, dim=-1) * math.log2(math.e)
     return out.detach(), lse, dw
-
-
-def _close(actual, expected, rel=1e-5):
-    """Equal up to ``rel`` of the expected tensor's largest magnitude; NaN or inf never passes."""
-    assert torch.isfinite(actual).all()
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rel, atol=rel * max(scale, 1e-30))
 
 
 @pytest.mark.parametrize("B,N,heads,d,scale", CASES)
