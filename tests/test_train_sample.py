@@ -14,7 +14,7 @@ from wbdit.data import Preprocessor, read_h5ad, write_h5ad
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import DiT, WhiteBoxDiT
 from wbdit.sampling import plan_cell_types, sample
-from wbdit.trainer import CHECKPOINT, LOG, Run, TrainConfig, load_checkpoint, train
+from wbdit.trainer import CHECKPOINT, LOG, Run, TrainConfig, learning_rate, load_checkpoint, train
 
 TINY = dict(patch_size=10, hidden_size=32, depth=1, num_heads=2)
 
@@ -314,3 +314,14 @@ def test_train_config_overrides():
     assert TrainConfig().lr == 1e-3 and TrainConfig().epochs == 100  # measured defaults (QUALITY.md)
     with pytest.raises(TypeError):
         train(tiny_data(n_cells=8), tiny(), out_dir="unused", learning_rate=1.0)
+
+
+def test_learning_rate_warmup_then_schedule():
+    const = TrainConfig(warmup_steps=10)
+    assert [learning_rate(const, s, 100) for s in (0, 9, 50, 99)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3])
+    cos = TrainConfig(warmup_steps=10, lr_schedule="cosine")
+    lrs = [learning_rate(cos, s, 100) for s in range(100)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[55] == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-6
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")

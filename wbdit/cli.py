@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from wbdit.diffusion import PREDICTIONS, SCHEDULES
-from wbdit.trainer import DEFAULT_PREDICTION, TrainConfig
+from wbdit.trainer import DEFAULT_PREDICTION, LR_SCHEDULES, TrainConfig
 
 
 def _cell_type_count(text: str) -> tuple[str, int]:
@@ -40,6 +40,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
+                         lr_schedule=args.lr_schedule,
                          checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
     run = train(adata, model, label_key=args.label_key, out_dir=args.out, config=config,
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
     t.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (the seed recipe: 1e-4)")
     t.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=TrainConfig.lr_schedule,
+                   help="after warmup: constant, or cosine decay to 0 at the last step")
     t.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every K epochs (0: never)")
     t.add_argument("--eval-data", help="held-out real cells (.h5ad) to evaluate against (default: the training cells)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: str = "constant"  # after warmup: "constant", or "cosine" decay to 0 at the last step
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     label_dropout: float = 0.1
@@ -59,7 +61,12 @@ class TrainConfig:
     chunk_cells: int = CHUNK_CELLS  # batch order: chunks of consecutive cells in random order,
     window_chunks: int = WINDOW_CHUNKS  # shuffled together this many chunks at a time (data.epoch_windows)
 
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
+
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_PREDICTION = "x0"  # measured better than epsilon on PBMC (benchmarks/QUALITY.md)
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "max_steps")  # may differ when resuming
 
@@ -247,6 +254,7 @@ def train(
 
     batches = CellBatches(logx, labels, pre, config.batch_size, config.chunk_cells, config.window_chunks)
     size, rows, null = batches.batch_size, dist.shard(batches.batch_size), len(pre.categories)
+    total_steps = min(config.epochs * len(batches), config.max_steps or config.epochs * len(batches))
     epochs_done = start_epoch
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps and step >= config.max_steps:
@@ -265,7 +273,7 @@ def train(
                 y = torch.where(drop, torch.full_like(y, null), y)
             t, noise = diffusion.draw_t_noise(size, pre.n_genes, gen, device)
             for group in opt.param_groups:
-                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+                group["lr"] = learning_rate(config, step, total_steps)
             loss = dist.mean(train_step(net, opt, diffusion, x, y, gen, config.grad_clip,
                                         ema, min(config.ema_decay, (1 + step) / (10 + step)), t[rows], noise[rows]))
             step += 1
@@ -298,6 +306,15 @@ def train(
 
 
 @torch.no_grad()
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``: linear warmup, then the schedule."""
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.lr_schedule == "constant":
+        return config.lr * warm
+    progress = min(1.0, max(0.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)))
+    return config.lr * warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
