@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from wbdit import datasets
-from wbdit.data import CellBatches, Preprocessor, log_normalize, read_h5ad, validate_expression, write_h5ad
+from wbdit.data import CellBatches, Preprocessor, cluster_gene_order, log_normalize, read_h5ad, validate_expression, write_h5ad
 
 
 def counts_adata(n_cells=40, n_genes=30, sparse=True, seed=0) -> ad.AnnData:
@@ -224,14 +224,18 @@ def test_highly_variable_agrees_with_scanpy_where_scanpy_has_no_ties():
     assert np.array_equal(highly_variable(logx, 100), np.flatnonzero(tmp.var["highly_variable"].to_numpy()))
 
 
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("scaling", ["minmax", "standard"])
-def test_transform_inverse_round_trip_and_bounds(scaling):
+def test_transform_inverse_round_trip_and_bounds(scaling, ordered):
     a = counts_adata(n_cells=50)
-    a.X = sp.csr_matrix(a.X.toarray()[:, :])
     pre, logx, _ = Preprocessor.fit(a, "cell_type", scaling=scaling)
     x = torch.from_numpy(logx.toarray())
+    unordered = pre.transform(x)
+    if ordered:
+        pre.order = np.random.default_rng(0).permutation(pre.n_genes).tolist()
     z = pre.transform(x)
     assert torch.isfinite(z).all()
+    torch.testing.assert_close(z, unordered[:, pre.order] if ordered else unordered, rtol=0, atol=0)
     torch.testing.assert_close(pre.inverse(z), x, rtol=1e-5, atol=1e-5)
     lo, hi = pre.bounds()
     assert lo.shape == hi.shape == (pre.n_genes,) and (lo <= hi).all()
@@ -248,6 +252,22 @@ def test_transform_inverse_round_trip_and_bounds(scaling):
     torch.testing.assert_close(out[1], torch.tensor(pre.x_max, dtype=torch.float32))
 
 
+def test_cluster_gene_order_puts_each_types_markers_in_one_run():
+    m, n_types = 8, 3
+    a = datasets.synthetic(n_cells=600, n_genes=120, n_types=n_types, markers_per_type=m, seed=1)
+    shuffle = np.random.default_rng(0).permutation(a.n_vars)
+    a = a[:, shuffle].copy()  # markers scattered through the file
+    _, logx, _ = Preprocessor.fit(a, "cell_type")
+    order = cluster_gene_order(logx)
+    assert sorted(order) == list(range(a.n_vars))
+    position = np.argsort(order)  # gene index -> model position
+    for t in range(n_types):
+        markers = np.flatnonzero((shuffle >= t * m) & (shuffle < (t + 1) * m))
+        assert np.ptp(position[markers]) == m - 1, f"type {t}'s markers sit at {sorted(position[markers])}"
+    assert cluster_gene_order(logx) == order  # deterministic
+    assert cluster_gene_order(logx, max_cells=100) != list(range(a.n_vars))  # a subsample still clusters
+
+
 def test_unknown_scaling():
     with pytest.raises(ValueError, match="unknown scaling 'log'"):
         Preprocessor.fit(counts_adata(), scaling="log")
@@ -255,6 +275,7 @@ def test_unknown_scaling():
 
 def test_to_dict_from_dict_round_trip(tmp_path):
     pre, _, _ = Preprocessor.fit(counts_adata(), "cell_type", n_top_genes=10)
+    pre.order = list(range(pre.n_genes))[::-1]
     assert Preprocessor.from_dict(pre.to_dict()) == pre
     assert Preprocessor.from_dict(json.loads(json.dumps(pre.to_dict()))) == pre  # lists back to tuples
     torch.save(pre.to_dict(), tmp_path / "p.pt")

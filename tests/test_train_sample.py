@@ -325,3 +325,15 @@ def test_learning_rate_warmup_then_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-6
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")
+
+
+def test_gene_order_is_saved_and_sampling_returns_the_files_order(tmp_path, run):
+    a = tiny_data()
+    assert sorted(run.preprocessor.order) == list(range(a.n_vars))  # "cluster" by default, saved with the run
+    assert run.preprocessor.order != list(range(a.n_vars))
+    plain = quick_train(a, tmp_path / "input", label_key="cell_type", gene_order="input")
+    assert plain.preprocessor.order == []
+    gen = sample(run, n_cells=20, seed=0, progress=False)
+    assert list(gen.var_names) == list(a.var_names)
+    with pytest.raises(ValueError, match="unknown gene_order 'sorted'"):
+        quick_train(a, tmp_path / "bad", gene_order="sorted")

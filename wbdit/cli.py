@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from wbdit.diffusion import PREDICTIONS, SCHEDULES
+from wbdit.data import GENE_ORDERS
 from wbdit.trainer import DEFAULT_PREDICTION, LR_SCHEDULES, TrainConfig
 
 
@@ -44,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                          checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
     run = train(adata, model, label_key=args.label_key, out_dir=args.out, config=config,
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
-                layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, resume=args.resume,
+                layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, gene_order=args.gene_order,
+                resume=args.resume,
                 eval_data=read_h5ad(args.eval_data) if args.eval_data else None, device=args.device)
     last = run.history[-1] if run.history else {}
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layer", help="use this layer instead of .X")
     t.add_argument("--n-top-genes", type=_positive_int, help="keep only this many highly variable genes")
     t.add_argument("--scaling", choices=("minmax", "standard"), default="minmax", help="per-gene scaling")
+    t.add_argument("--gene-order", choices=GENE_ORDERS, default="cluster",
+                   help="model-space gene order: correlated genes in one patch (cluster), or the file's (input)")
     t.add_argument("--arch", choices=("wbdit", "dit"), default="wbdit", help="WB-DiT or the DiT baseline")
     t.add_argument("--preset", choices=("small", "seed"), default="small", help="model size preset")
     t.add_argument("--patch-size", type=_positive_int)

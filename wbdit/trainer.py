@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from wbdit import distributed
 from wbdit.atomic import atomic_path
-from wbdit.data import CHUNK_CELLS, WINDOW_CHUNKS, CellBatches, Preprocessor
+from wbdit.data import CHUNK_CELLS, GENE_ORDERS, WINDOW_CHUNKS, CellBatches, Preprocessor, cluster_gene_order
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import PRESETS, WhiteBoxDiT, _GeneDiT, arch_name, build_model
 from wbdit.profiling import nvtx_range
@@ -67,7 +67,7 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine")
-DEFAULT_PREDICTION = "x0"  # measured better than epsilon on PBMC (benchmarks/QUALITY.md)
+DEFAULT_PREDICTION = "v"  # measured better than x0 and epsilon on PBMC (benchmarks/QUALITY.md)
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "max_steps")  # may differ when resuming
 
 
@@ -188,6 +188,7 @@ def train(
     layer: str | None = None,
     n_top_genes: int | None = None,
     scaling: str = "minmax",
+    gene_order: str = "cluster",
     resume: bool = False,
     eval_data: ad.AnnData | None = None,
     device: torch.device | str | None = None,
@@ -200,7 +201,9 @@ def train(
     ``model`` is a model, a factory ``(n_genes, num_classes) -> model`` called (seeded with
     ``config.seed``) once the preprocessing fixed the gene count, or None for a "small" WhiteBoxDiT. Keyword ``overrides``
     set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...). ``resume=True`` continues the
-    run in ``out_dir`` exactly where its last checkpoint stopped. ``hook`` receives step and
+    run in ``out_dir`` exactly where its last checkpoint stopped. ``gene_order="cluster"`` puts
+    correlated genes in the same patch (``data.cluster_gene_order``; "input" keeps the
+    file's order). ``hook`` receives step and
     epoch callbacks (``TrainHook``). An ``adata`` opened with ``backed=True`` is preprocessed
     and read in chunks from its file (``wbdit.streaming``). Under torchrun every process calls
     this; ``config.batch_size`` is the global batch, split across processes.
@@ -212,7 +215,11 @@ def train(
     diffusion = diffusion or GaussianDiffusion(prediction=DEFAULT_PREDICTION)
     out_dir = Path(out_dir)
     fit = fit_backed if adata.isbacked else Preprocessor.fit
+    if gene_order not in GENE_ORDERS:
+        raise ValueError(f"unknown gene_order {gene_order!r}; choose from {GENE_ORDERS}")
     pre, logx, labels = fit(adata, label_key, layer, n_top_genes, scaling)
+    if gene_order == "cluster":
+        pre.order = cluster_gene_order(logx)
     if not isinstance(model, _GeneDiT):
         factory = model or (lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **PRESETS["small"]))
         with torch.random.fork_rng(devices=[]):  # initial weights follow config.seed, global RNG untouched
