@@ -337,3 +337,14 @@ def test_gene_order_is_saved_and_sampling_returns_the_files_order(tmp_path, run)
     assert list(gen.var_names) == list(a.var_names)
     with pytest.raises(ValueError, match="unknown gene_order 'sorted'"):
         quick_train(a, tmp_path / "bad", gene_order="sorted")
+
+
+def test_counts_on_lattice_gives_back_real_counts():
+    from wbdit.sampling import counts_on_lattice
+
+    a = datasets.synthetic(n_cells=50, n_genes=40, n_types=2, markers_per_type=5, seed=2)
+    counts = a.X.toarray()
+    logx = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_array_equal(counts_on_lattice(logx, counts.sum(1)), counts)
+    tiny_library = counts_on_lattice(logx, np.full(50, 1.0))  # expressed genes keep a count
+    np.testing.assert_array_equal(tiny_library > 0, counts > 0)

@@ -55,9 +55,9 @@ def sample(
     """Generate ``n_cells`` cells; ``X`` holds log-normalized values (or integer counts).
 
     ``cell_types`` maps type name to count; cells not requested follow the training
-    proportions. ``counts=True`` draws Poisson counts with log-normal library sizes
-    fitted per cell type on the training data (needs a run trained on counts); the
-    log-normalized values then sit in ``layers["log_normalized"]``.
+    proportions. ``counts=True`` (a run trained on counts) turns each profile into integer
+    counts at a library size drawn log-normal per cell type as fitted on the training data
+    (``counts_on_lattice``); the log-normalized values then sit in ``layers["log_normalized"]``.
     """
     device = torch.device(device) if device is not None else default_device()
     if not isinstance(run, Run):
@@ -99,11 +99,26 @@ def sample(
 
 
 def _draw_counts(logx: np.ndarray, labels: np.ndarray | None, pre: Preprocessor, seed: int) -> np.ndarray:
-    """Poisson(rate_g * L): rate from the log-normalized profile, L log-normal as in the real data."""
+    """Counts for generated profiles: library sizes L drawn log-normal per cell type as fitted
+    on the real data, then ``counts_on_lattice(logx, L)``."""
     rng = np.random.default_rng(seed + 1)
     keys = ["__all__"] * len(logx) if labels is None else [pre.categories[i] for i in labels]
     mu = np.array([pre.log_library[k][0] for k in keys])
     sd = np.array([pre.log_library[k][1] for k in keys])
-    library = np.exp(rng.normal(mu, sd))
-    rate = np.expm1(logx.astype(np.float64)) / TARGET_SUM
-    return rng.poisson(rate * library[:, None]).astype(np.float32)
+    return counts_on_lattice(logx, np.exp(rng.normal(mu, sd)))
+
+
+def counts_on_lattice(logx: np.ndarray, library: np.ndarray) -> np.ndarray:
+    """Integer counts (B, G) whose profile is ``logx`` (B, G, log-normalized) at library sizes (B,).
+
+    ``round(L * p_g)`` with ``p = expm1(x) / sum(expm1(x))``, and at least one count wherever
+    x > 0, so zeros stay zeros and expressed genes stay expressed. A real cell's log-normalized
+    profile and its own library give back its counts exactly. No Poisson draw: the generated
+    profile already carries the measurement noise, and a second draw doubles it (measured:
+    kNN AUC 0.996 with Poisson against 0.811 on the lattice, benchmarks/QUALITY.md).
+    """
+    rate = np.expm1(logx.astype(np.float64))
+    total = rate.sum(axis=1, keepdims=True)
+    rate = np.divide(rate, total, out=np.zeros_like(rate), where=total > 0)
+    counts = np.round(rate * library[:, None])
+    return np.where(logx > 0, np.maximum(counts, 1.0), 0.0).astype(np.float32)
