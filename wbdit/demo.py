@@ -17,7 +17,7 @@ from wbdit.sampling import sample
 from wbdit.trainer import TrainConfig, train
 
 # Settings chosen by the experiments in benchmarks/QUALITY.md.
-DEMO_CONFIG = TrainConfig(epochs=300)
+DEMO_CONFIG = TrainConfig(epochs=450)
 DEMO_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, cfg_scale=1.5)
 HELD_OUT = 0.3
 
