@@ -348,3 +348,10 @@ def test_counts_on_lattice_gives_back_real_counts():
     np.testing.assert_array_equal(counts_on_lattice(logx, counts.sum(1)), counts)
     tiny_library = counts_on_lattice(logx, np.full(50, 1.0))  # expressed genes keep a count
     np.testing.assert_array_equal(tiny_library > 0, counts > 0)
+
+
+def test_too_many_genes_to_cluster_warns_and_keeps_the_order(tmp_path, monkeypatch):
+    monkeypatch.setattr("wbdit.trainer.CLUSTER_MAX_GENES", 10)
+    with pytest.warns(UserWarning, match="25 genes: too many to cluster"):
+        r = quick_train(tiny_data(), tmp_path / "r", label_key="cell_type", epochs=1)
+    assert r.preprocessor.order == []

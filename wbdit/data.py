@@ -25,6 +25,7 @@ SCALINGS = ("minmax", "standard")
 GENE_ORDERS = ("cluster", "input")  # model-space gene order: correlated genes adjacent, or as given
 ORDER_CELLS, ORDER_BLOCK = 20000, 1000  # the clustering reads at most this many cells, in evenly spaced blocks
 OPTIMAL_LEAF_GENES = 1000  # optimal leaf ordering is cubic in genes: above this, plain dendrogram order
+CLUSTER_MAX_GENES = 8000  # the clustering holds g x g float64 (0.5 GiB at 8000): above, genes keep their order
 
 
 def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from wbdit import distributed
 from wbdit.atomic import atomic_path
-from wbdit.data import CHUNK_CELLS, GENE_ORDERS, WINDOW_CHUNKS, CellBatches, Preprocessor, cluster_gene_order
+from wbdit.data import CHUNK_CELLS, CLUSTER_MAX_GENES, GENE_ORDERS, WINDOW_CHUNKS, CellBatches, Preprocessor, cluster_gene_order
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import PRESETS, WhiteBoxDiT, _GeneDiT, arch_name, build_model
 from wbdit.profiling import nvtx_range
@@ -218,7 +219,11 @@ def train(
     if gene_order not in GENE_ORDERS:
         raise ValueError(f"unknown gene_order {gene_order!r}; choose from {GENE_ORDERS}")
     pre, logx, labels = fit(adata, label_key, layer, n_top_genes, scaling)
-    if gene_order == "cluster":
+    if gene_order == "cluster" and pre.n_genes > CLUSTER_MAX_GENES:
+        warnings.warn(f"{pre.n_genes} genes: too many to cluster (limit {CLUSTER_MAX_GENES}); genes keep the "
+                      "file's order. Select genes (n_top_genes / --n-top-genes 2000) to get the cluster order.",
+                      stacklevel=2)
+    elif gene_order == "cluster":
         pre.order = cluster_gene_order(logx)
     if not isinstance(model, _GeneDiT):
         factory = model or (lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **PRESETS["small"]))
