@@ -9,7 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from wbdit.data import TARGET_SUM, Preprocessor
+from wbdit.data import Preprocessor
 from wbdit.model import arch_name
 from wbdit.trainer import Run, default_device
 
