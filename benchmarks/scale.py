@@ -9,12 +9,12 @@ per cell on disk, 5.7 GB for 1M cells). Then a fresh child process opens it with
 ``wbdit.read_h5ad(path, backed=True)`` and measures:
 
 - ``startup_s``: ``wbdit.train`` from the call to the end of its first step: the streamed
-  preprocessing pass over every cell (``wbdit.streaming.fit_backed``, O(cells) time),
+  preprocessing pass over every cell (``wbdit.Preprocessor.fit`` on a backed AnnData, O(cells) time),
   building the model, reading the first shuffle window and one step;
 - ``train cells/s``: ``wbdit.train(..., max_steps=--steps)`` with a deliberately tiny WB-DiT
   (patch 50, hidden 32, depth 1, 2 heads) so that the data path is a visible part of each
   step; steps 11..S, which include reading a new shuffle window every 128 steps (batch 256);
-- ``loader cells/s``: the batch loader alone (``CellBatches`` over ``BackedRows``: windows of
+- ``loader cells/s``: the batch loader alone (``CellBatches`` over ``LogRows``: windows of
   32768 cells read, log-normalized, shuffled, densified per batch) for 3 windows;
 - cells per CPU-second (in parentheses): the same cells over the child's CPU time rather
   than wall time; with one thread it is what an idle core would do, and it is much less
@@ -70,9 +70,10 @@ def run_child(path: str, steps: int, batch_size: int, threads: int) -> dict:
     import torch
 
     import wbdit
-    from wbdit.data import CHUNK_CELLS, WINDOW_CHUNKS, CellBatches, encode_labels
+    from wbdit.batches import CHUNK_CELLS, WINDOW_CHUNKS, CellBatches
     from wbdit.model import WhiteBoxDiT
-    from wbdit.streaming import BackedRows
+    from wbdit.data import H5Matrix
+    from wbdit.preprocessing import LogRows, encode_labels
     from wbdit.trainer import TrainHook
 
     torch.set_num_threads(threads)
@@ -95,7 +96,7 @@ def run_child(path: str, steps: int, batch_size: int, threads: int) -> dict:
     trained = (steps - WARMUP_STEPS) * batch_size
 
     labels, _ = encode_labels(adata, "cell_type")
-    batches = CellBatches(BackedRows(adata, run.preprocessor), labels, run.preprocessor, batch_size)
+    batches = CellBatches(LogRows(H5Matrix(adata.filename), run.preprocessor.input_kind, None), labels, run.preprocessor, batch_size)
     n_load = min(len(batches), 3 * CHUNK_CELLS * WINDOW_CHUNKS // batch_size)
     t1, c1 = time.perf_counter(), time.process_time()
     for _, _ in zip(range(n_load), batches.epoch(0, 1, "cpu")):

@@ -3,9 +3,9 @@
     pytest benchmarks/test_bench_scale.py --benchmark-only
 
 A 12,000-cell x 2000-gene synthetic file (sparse CSR, about 70 MB) is written once per
-session. Timed: ``fit_backed`` (one pass over the file) against ``Preprocessor.fit`` on the
+session. Timed: ``Preprocessor.fit`` of a backed AnnData (one pass over the file) against the same on the
 loaded matrix, and one epoch of ``CellBatches`` (batch 256, windows of 4096 cells) read from
-the file (``BackedRows``: read, log-normalize, shuffle, densify) against the in-memory CSR.
+the file (``LogRows``: read, log-normalize, shuffle, densify) against the in-memory CSR.
 The full-size run (100k / 300k / 1M cells, peak RSS, training cells/s) is
 ``benchmarks/scale.py``.
 """
@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wbdit.data import CellBatches, Preprocessor, read_h5ad
+from wbdit.batches import CellBatches
+from wbdit.data import read_h5ad
+from wbdit.preprocessing import Preprocessor
 from wbdit.datasets import write_synthetic_h5ad
-from wbdit.streaming import fit_backed
 
 CELLS, GENES, BATCH = 12_000, 2000, 256
 WINDOW = dict(chunk_cells=1024, window_chunks=4)
@@ -44,7 +45,7 @@ def cells_file(tmp_path_factory):
 def test_fit(benchmark, cells_file, source):
     if source == "backed":
         adata = read_h5ad(cells_file, backed=True)
-        benchmark.pedantic(fit_backed, args=(adata, "cell_type"), rounds=3, warmup_rounds=1)
+        benchmark.pedantic(Preprocessor.fit, args=(adata, "cell_type"), rounds=3, warmup_rounds=1)
     else:
         adata = read_h5ad(cells_file)
         benchmark.pedantic(Preprocessor.fit, args=(adata, "cell_type"), rounds=3, warmup_rounds=1)
@@ -55,7 +56,7 @@ def test_fit(benchmark, cells_file, source):
 def test_epoch_of_batches(benchmark, cells_file, source):
     pre, logx, labels = Preprocessor.fit(read_h5ad(cells_file), "cell_type")
     if source == "backed":
-        _, logx, _ = fit_backed(read_h5ad(cells_file, backed=True), "cell_type")
+        _, logx, _ = Preprocessor.fit(read_h5ad(cells_file, backed=True), "cell_type")
     batches = CellBatches(logx, labels, pre, BATCH, **WINDOW)
 
     def epoch():

@@ -13,7 +13,7 @@ import pytest
 from wbdit import datasets
 from wbdit.cli import main
 from wbdit.data import read_h5ad, write_h5ad
-from wbdit.trainer import CHECKPOINT, LOG, load_checkpoint
+from wbdit.checkpoint import CHECKPOINT, LOG, load_checkpoint
 
 TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "10"]
 

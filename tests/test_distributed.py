@@ -11,7 +11,7 @@ import torch
 from wbdit.cli import main
 from wbdit.datasets import write_synthetic_h5ad
 from wbdit.distributed import Dist, setup
-from wbdit.trainer import load_checkpoint
+from wbdit.checkpoint import load_checkpoint
 
 
 def test_ranks_split_the_global_batch_and_one_process_is_unchanged():

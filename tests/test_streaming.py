@@ -12,11 +12,13 @@ import scipy.sparse as sp
 import torch
 
 import wbdit
-from wbdit.data import CellBatches, Preprocessor, read_h5ad
+from wbdit.batches import CellBatches
+from wbdit.data import read_h5ad
+from wbdit.preprocessing import Preprocessor
 from wbdit.datasets import SIM_CHUNK, synthetic, write_synthetic_h5ad
 from wbdit.model import WhiteBoxDiT
-from wbdit.streaming import fit_backed
-from wbdit.trainer import TrainHook, load_checkpoint
+from wbdit.checkpoint import load_checkpoint
+from wbdit.trainer import TrainHook
 
 TINY = dict(patch_size=10, hidden_size=32, depth=1, num_heads=2)
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as conftest gives this process
@@ -46,17 +48,16 @@ def test_written_file_holds_the_synthetic_cells_across_appended_chunks(tmp_path)
 def test_streamed_fit_matches_the_in_memory_fit(counts_file, options):
     path, adata = counts_file
     mem, logx, labels = Preprocessor.fit(adata, **options)
-    pre, rows, streamed_labels = fit_backed(read_h5ad(path, backed=True), chunk_cells=250, **options)
+    pre, rows, streamed_labels = Preprocessor.fit(read_h5ad(path, backed=True), chunk_cells=250, **options)
     a, b = asdict(mem), asdict(pre)
-    # Exact: gene choice (the streamed Seurat HVG picks scanpy's genes), maxima, labels.
+    # One pipeline: the same float64 moments, summed chunk by chunk, up to summation order.
     for key in ("var_names", "input_kind", "categories", "class_counts", "x_max", "zero_threshold"):
         assert a[key] == b[key], key
-    # float64 streamed sums against scipy's float32 means.
-    np.testing.assert_allclose(b["center"], a["center"], rtol=1e-5)
-    np.testing.assert_allclose(b["scale"], a["scale"], rtol=1e-4)
+    np.testing.assert_allclose(b["center"], a["center"], rtol=1e-12)
+    np.testing.assert_allclose(b["scale"], a["scale"], rtol=1e-9)
     assert a["log_library"].keys() == b["log_library"].keys()
     for k in a["log_library"]:
-        np.testing.assert_allclose(b["log_library"][k], a["log_library"][k], rtol=1e-5)
+        np.testing.assert_allclose(b["log_library"][k], a["log_library"][k], rtol=1e-9)
     if labels is None:
         assert streamed_labels is None
     else:
@@ -71,10 +72,10 @@ def test_streamed_fit_of_log_normalized_input(tmp_path, counts_file):
     lognorm.X = logx
     lognorm.write_h5ad(tmp_path / "log.h5ad")
     mem, _, _ = Preprocessor.fit(lognorm, scaling="standard")
-    pre, _, _ = fit_backed(read_h5ad(tmp_path / "log.h5ad", backed=True), scaling="standard", chunk_cells=500)
+    pre, _, _ = Preprocessor.fit(read_h5ad(tmp_path / "log.h5ad", backed=True), scaling="standard", chunk_cells=500)
     assert pre.input_kind == mem.input_kind == "log-normalized" and pre.log_library == {}
     assert pre.x_max == mem.x_max
-    np.testing.assert_allclose(pre.scale, mem.scale, rtol=1e-4)
+    np.testing.assert_allclose(pre.scale, mem.scale, rtol=1e-9)
 
 
 def test_streamed_fit_rejects_what_the_in_memory_fit_rejects(tmp_path, counts_file):
@@ -85,15 +86,15 @@ def test_streamed_fit_rejects_what_the_in_memory_fit_rejects(tmp_path, counts_fi
     bad.X = sp.csr_matrix(X)
     bad.write_h5ad(tmp_path / "bad.h5ad")
     with pytest.raises(ValueError, match="1 cells have zero total counts"):
-        fit_backed(read_h5ad(tmp_path / "bad.h5ad", backed=True), chunk_cells=500)
-    with pytest.raises(ValueError, match="backed=True"):
-        fit_backed(adata)
+        Preprocessor.fit(read_h5ad(tmp_path / "bad.h5ad", backed=True), chunk_cells=500)
+    with pytest.raises(ValueError, match="1 cells have zero total counts"):
+        Preprocessor.fit(bad)
 
 
 def test_backed_and_in_memory_batches_are_identical(counts_file):
     path, adata = counts_file
     pre, logx, labels = Preprocessor.fit(adata, "cell_type")
-    _, rows, _ = fit_backed(read_h5ad(path, backed=True), "cell_type")
+    _, rows, _ = Preprocessor.fit(read_h5ad(path, backed=True), "cell_type")
     sizes = dict(chunk_cells=100, window_chunks=3)  # 4 windows, batches straddling windows
     mem, backed = CellBatches(logx, labels, pre, 64, **sizes), CellBatches(rows, labels, pre, 64, **sizes)
     assert len(mem) == len(backed) == 1200 // 64
@@ -139,6 +140,7 @@ MEMORY_CHILD = """
 import json, sys
 import torch
 import wbdit
+import wbdit.trainer  # loaded before the baseline: library code is not the data path's memory
 from wbdit.model import WhiteBoxDiT
 
 def rss(field):  # bytes; VmHWM is this process's peak since exec

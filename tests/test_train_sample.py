@@ -10,11 +10,14 @@ import scipy.sparse as sp
 import torch
 
 from wbdit import datasets
-from wbdit.data import Preprocessor, read_h5ad, write_h5ad
+from wbdit.data import read_h5ad, write_h5ad
+from wbdit.preprocessing import Preprocessor
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import DiT, WhiteBoxDiT
 from wbdit.sampling import plan_cell_types, sample
-from wbdit.trainer import CHECKPOINT, LOG, Run, TrainConfig, learning_rate, load_checkpoint, train
+from wbdit.checkpoint import CHECKPOINT, LOG, load_checkpoint
+from wbdit.run import Run, TrainConfig
+from wbdit.trainer import learning_rate, train
 
 TINY = dict(patch_size=10, hidden_size=32, depth=1, num_heads=2)
 
@@ -351,7 +354,7 @@ def test_counts_on_lattice_gives_back_real_counts():
 
 
 def test_too_many_genes_to_cluster_warns_and_keeps_the_order(tmp_path, monkeypatch):
-    monkeypatch.setattr("wbdit.trainer.CLUSTER_MAX_GENES", 10)
+    monkeypatch.setattr("wbdit.preprocessing.CLUSTER_MAX_GENES", 10)
     with pytest.warns(UserWarning, match="25 genes: too many to cluster"):
         r = quick_train(tiny_data(), tmp_path / "r", label_key="cell_type", epochs=1)
     assert r.preprocessor.order == []

@@ -6,9 +6,16 @@ import os
 import sys
 from pathlib import Path
 
-from wbdit.diffusion import PREDICTIONS, SCHEDULES
-from wbdit.data import GENE_ORDERS
-from wbdit.trainer import DEFAULT_PREDICTION, LR_SCHEDULES, TrainConfig
+from wbdit.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
+from wbdit.distributed import default_device
+from wbdit.errors import MissingKeyError
+from wbdit.model import MODELS, PRESETS, build_model
+from wbdit.preprocessing import GENE_ORDERS, SCALINGS
+from wbdit.run import LR_SCHEDULES, TrainConfig
+from wbdit.trainer import DEFAULT_PREDICTION
+
+
+SIZE_FLAGS = ("patch_size", "hidden_size", "depth", "num_heads")  # override the preset's model sizes
 
 
 def _cell_type_count(text: str) -> tuple[str, int]:
@@ -25,16 +32,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _model_size(args: argparse.Namespace) -> dict:
+    """The preset's sizes with the ones given on the command line."""
+    given = {k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k) is not None}
+    return {**PRESETS[args.preset], **given} if args.preset else given
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from wbdit.data import read_h5ad
     from wbdit.diffusion import GaussianDiffusion
-    from wbdit.model import PRESETS, build_model
-    from wbdit.trainer import TrainConfig, train
+    from wbdit.trainer import train
 
     adata = read_h5ad(args.data, backed=args.backed)
-    size = {**PRESETS[args.preset], **{k: v for k, v in dict(
-        patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
-    ).items() if v is not None}}
+    size = _model_size(args)
 
     def model(n_genes: int, num_classes: int | None):
         return build_model(args.arch, n_genes=n_genes, num_classes=num_classes, fused=args.fused, **size)
@@ -43,11 +53,18 @@ def cmd_train(args: argparse.Namespace) -> None:
                          ema_decay=args.ema_decay, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
                          lr_schedule=args.lr_schedule,
                          checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+    evaluator = None
+    if args.eval_every:
+        from wbdit.evaluation import during_training  # scikit-learn, POT: only when evaluating
+
+        held_out = read_h5ad(args.eval_data) if args.eval_data else None
+        evaluator = during_training(held_out if held_out is not None else adata,
+                                    reference=adata if held_out is not None else None,
+                                    n_cells=config.eval_cells, seed=config.seed)
     run = train(adata, model, label_key=args.label_key, out_dir=args.out, config=config,
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
                 layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, gene_order=args.gene_order,
-                resume=args.resume,
-                eval_data=read_h5ad(args.eval_data) if args.eval_data else None, device=args.device)
+                resume=args.resume, evaluate=evaluator, device=args.device)
     last = run.history[-1] if run.history else {}
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
         print(f"trained {run.epoch} epochs -> {args.out} (loss {last.get('loss', float('nan')):.4f})")
@@ -91,11 +108,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from wbdit.compare import CompareConfig, run_compare
-    from wbdit.trainer import default_device
 
     device = args.device or str(default_device())
-    size = {k: v for k, v in dict(patch_size=args.patch_size, hidden_size=args.hidden_size, depth=args.depth,
-                                  num_heads=args.num_heads).items() if v is not None}
+    size = {k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k) is not None}
     overrides = {k: v for k, v in dict(
         models=tuple(args.models.split(",")) if args.models else None, preset=args.preset, data=args.data,
         n_cells=args.n_cells, n_genes=args.n_genes, n_types=args.n_types, epochs=args.epochs,
@@ -111,16 +126,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from wbdit.profiling import nsys_command, profile_training
 
     if args.nsys:
-        program = ["wbdit", "profile", "--nsys", "--out", args.out, "--arch", args.arch, "--n-genes", str(args.n_genes),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)]
-        program += [f"--{k.replace('_', '-')}={v}" for k, v in dict(
-            preset=args.preset, batch_size=args.batch_size, device=args.device).items() if v is not None]
-        program += ["--fused"] if args.fused else []
         print("Nsight Systems timeline of the measured steps (NVTX ranges included):\n  "
-              + nsys_command(args.out, program), flush=True)
+              + nsys_command(args.out, ["wbdit", *args.argv]), flush=True)
     s = profile_training(args.out, arch=args.arch, fused=args.fused, preset=args.preset, n_genes=args.n_genes,
                          batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, nsys=args.nsys,
-                         device=args.device, seed=args.seed)
+                         device=args.device, seed=args.seed,
+                         model_overrides={k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k) is not None})
     if not args.nsys:
         print(Path(s["files"]["top_ops"]).read_text())
     print(f"{s['arch']} fused={s['fused']} preset={s['preset']} batch {s['batch_size']} on {s['machine']['device']}: "
@@ -128,25 +139,39 @@ def cmd_profile(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/profile.json" + ("" if args.nsys else f", {s['files']['trace']}, {s['files']['top_ops']}"))
 
 
+def _size_parent(default: str | None, help: str) -> argparse.ArgumentParser:
+    """--preset and the size flags that override it, shared by train, compare and profile."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=default, help=help)
+    for name in SIZE_FLAGS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=_positive_int, help=f"override the preset's {name}")
+    return p
+
+
+def _common_parent(seed: int | None = 0) -> argparse.ArgumentParser:
+    """--seed and --device, shared by every command that computes."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wbdit", description="White-Box Diffusion Transformer for single-cell RNA-seq")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_parent()
 
-    t = sub.add_parser("train", help="train a model on an .h5ad file")
+    t = sub.add_parser("train", help="train a model on an .h5ad file",
+                       parents=[_size_parent("small", "model size preset"), common])
     t.add_argument("data", help="input .h5ad (raw counts or log-normalized, dense or sparse)")
     t.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl)")
     t.add_argument("--label-key", help="obs column with cell types (conditional model)")
     t.add_argument("--layer", help="use this layer instead of .X")
     t.add_argument("--n-top-genes", type=_positive_int, help="keep only this many highly variable genes")
-    t.add_argument("--scaling", choices=("minmax", "standard"), default="minmax", help="per-gene scaling")
+    t.add_argument("--scaling", choices=SCALINGS, default="minmax", help="per-gene scaling")
     t.add_argument("--gene-order", choices=GENE_ORDERS, default="cluster",
                    help="model-space gene order: correlated genes in one patch (cluster), or the file's (input)")
-    t.add_argument("--arch", choices=("wbdit", "dit"), default="wbdit", help="WB-DiT or the DiT baseline")
-    t.add_argument("--preset", choices=("small", "seed"), default="small", help="model size preset")
-    t.add_argument("--patch-size", type=_positive_int)
-    t.add_argument("--hidden-size", type=_positive_int)
-    t.add_argument("--depth", type=_positive_int)
-    t.add_argument("--num-heads", type=_positive_int)
+    t.add_argument("--arch", choices=tuple(MODELS), default="wbdit", help="WB-DiT or the DiT baseline")
     t.add_argument("--schedule", choices=SCHEDULES, default="linear")
     t.add_argument("--prediction", choices=PREDICTIONS, default=DEFAULT_PREDICTION)
     t.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
@@ -158,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every K epochs (0: never)")
     t.add_argument("--eval-data", help="held-out real cells (.h5ad) to evaluate against (default: the training cells)")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps; --resume continues inside the epoch (0: epoch ends only)")
@@ -166,23 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backed", action="store_true",
                    help="stream the .h5ad from disk in chunks instead of loading it (for files larger than memory)")
     t.add_argument("--fused", action="store_true", help="use the fused kernels")
-    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="generate cells from a trained run")
+    s = sub.add_parser("sample", help="generate cells from a trained run", parents=[common])
     s.add_argument("run", help="run directory written by 'wbdit train'")
     s.add_argument("-o", "--output", required=True, help="output .h5ad")
     s.add_argument("--n-cells", type=_positive_int, default=1000)
     s.add_argument("--cell-type", type=_cell_type_count, action="append", metavar="NAME=COUNT",
                    help="cells of a given type (repeatable); the rest follow training proportions")
-    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--counts", action="store_true", help="write integer counts (log values in a layer)")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fused", action="store_true", help="use the fused kernels")
-    s.add_argument("--device")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="compare generated cells with real ones")
@@ -200,21 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run directory")
     r.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("demo", help="train on bundled PBMC cells, generate and evaluate (CPU, minutes)")
+    d = sub.add_parser("demo", help="train on bundled PBMC cells, generate and evaluate (CPU, minutes)",
+                       parents=[common])
     d.add_argument("--out", default="wbdit-demo")
     d.add_argument("--epochs", type=_positive_int, help="override the demo's epochs")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("compare", help="train WB-DiT (reference, fused) and DiT identically; time, memory, quality")
+    c = sub.add_parser("compare", help="train WB-DiT (reference, fused) and DiT identically; time, memory, quality",
+                       parents=[_size_parent(None, "model size (default: seed on CUDA, small on CPU)"),
+                                _common_parent(seed=None)])
     c.add_argument("--out", default="wbdit-compare", help="output directory (compare.json, compare.md, plots)")
     c.add_argument("--models", help="comma-separated variants (default: wbdit-ref,wbdit-fused,dit-ref,dit-fused)")
-    c.add_argument("--preset", choices=("small", "seed"), help="model size (default: seed on CUDA, small on CPU)")
-    c.add_argument("--patch-size", type=_positive_int)
-    c.add_argument("--hidden-size", type=_positive_int)
-    c.add_argument("--depth", type=_positive_int)
-    c.add_argument("--num-heads", type=_positive_int)
     c.add_argument("--data", choices=("pbmc", "synthetic"),
                    help="bundled PBMC cells or simulated counts (default: synthetic on CUDA, pbmc on CPU)")
     c.add_argument("--n-cells", type=_positive_int, help="synthetic cells (default 10000)")
@@ -225,38 +242,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3, the demo's)")
     c.add_argument("--eval-every", type=int, help="evaluate every K epochs, 0: never (default 5)")
     c.add_argument("--eval-cells", type=_positive_int, help="generated cells per evaluation")
-    c.add_argument("--seed", type=int)
     c.add_argument("--no-isolate", action="store_true", help="train all variants in this process (CPU peak RSS "
                    "is then reset per epoch where Linux allows it)")
-    c.add_argument("--device")
     c.set_defaults(func=cmd_compare)
 
-    f = sub.add_parser("profile", help="profile a few training steps (torch.profiler trace, top ops; or --nsys)")
+    f = sub.add_parser("profile", help="profile a few training steps (torch.profiler trace, top ops; or --nsys)",
+                       parents=[_size_parent(None, "default: seed on CUDA, small on CPU"), common])
     f.add_argument("--out", default="wbdit-profile", help="output directory (trace.json, top_ops.txt, profile.json)")
     f.add_argument("--nsys", action="store_true",
                    help="print the nsys command and bracket the measured steps with cudaProfilerStart/Stop")
-    f.add_argument("--arch", choices=("wbdit", "dit"), default="wbdit")
+    f.add_argument("--arch", choices=tuple(MODELS), default="wbdit")
     f.add_argument("--fused", action="store_true")
-    f.add_argument("--preset", choices=("small", "seed"), help="default: seed on CUDA, small on CPU")
     f.add_argument("--n-genes", type=_positive_int, default=2000)
     f.add_argument("--batch-size", type=_positive_int, help="default 256 on CUDA, 32 on CPU")
     f.add_argument("--warmup", type=_positive_int, default=3, help="unprofiled warm-up steps")
     f.add_argument("--steps", type=_positive_int, default=5, help="measured steps")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device")
     f.set_defaults(func=cmd_profile)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, e.g. for the nsys command line that reruns it
     try:
         args.func(args)
-    # OSError covers missing files and directories, an existing run, and failed writes (disk full,
-    # permission denied): a one-line error, not a traceback.
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"wbdit {args.command}: error: {msg}", file=sys.stderr)
+    # What users cause: bad input (InputError and other ValueErrors), missing files and
+    # directories, an existing run, failed writes (OSError), a missing extra (ImportError).
+    # Anything else is a bug and keeps its traceback.
+    except (MissingKeyError, ValueError, OSError, ImportError) as exc:
+        print(f"wbdit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

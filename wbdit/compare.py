@@ -17,17 +17,21 @@ import json
 import shutil
 import statistics
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
+from wbdit import datasets, ops
 from wbdit.atomic import atomic_path
-from wbdit.demo import DEMO_CONFIG, split_cells
-from wbdit.model import PRESETS
+from wbdit.data import read_h5ad, split_cells, write_h5ad
+from wbdit.distributed import default_device
+from wbdit.model import PRESETS, build_model
 from wbdit.profiling import PeakMemory, describe_machine
+from wbdit.run import TrainConfig
+from wbdit.trainer import train
 
 # name -> (architecture, fused)
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -63,14 +67,8 @@ class CompareConfig:
     n_genes: int = 2000
     n_types: int = 10
     held_out: float = 0.3
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = DEMO_CONFIG.lr
-    warmup_steps: int = DEMO_CONFIG.warmup_steps
-    ema_decay: float = DEMO_CONFIG.ema_decay
-    eval_every: int = 5
-    eval_cells: int = 200
-    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=64, eval_every=5,
+                                                                   eval_cells=200))
     isolate: bool = True
 
     def __post_init__(self):
@@ -85,7 +83,8 @@ class CompareConfig:
         """CPU: PBMC cells, "small" preset, batch 64, 10 epochs (minutes).
         CUDA: the seed configuration (hidden 768, depth 3, 8 heads, patch 10) on 10000
         synthetic cells x 2000 genes, batch 256, 10 epochs, 1000 generated cells per evaluation.
-        ``overrides`` set any field; ``size`` overrides some of the preset's model sizes.
+        ``overrides`` set any field of this config or of its ``TrainConfig``; ``size``
+        overrides some of the preset's model sizes.
         """
         if torch.device(device).type == "cuda":
             base = dict(preset="seed", data="synthetic", batch_size=256, eval_cells=1000)
@@ -93,25 +92,25 @@ class CompareConfig:
             base = dict(preset="small", data="pbmc", batch_size=64, eval_cells=200)
         base.update(overrides)
         base.setdefault("model", {**PRESETS[base["preset"]], **(size or {})})
-        return cls(**base)
+        train_fields = {f.name for f in fields(TrainConfig)}
+        train = {k: base.pop(k) for k in list(base) if k in train_fields}
+        train = replace(cls.__dataclass_fields__["train"].default_factory(), **train)
+        return cls(train=train, **base)
 
     def describe_data(self) -> str:
         if self.data == "pbmc":
             return "PBMC68k reduced (scanpy's bundled 10x_pbmc68k_reduced.h5ad): 700 real cells x 765 genes, 10 types"
-        return (f"synthetic negative-binomial counts (wbdit.datasets.synthetic, seed {self.seed}): "
+        return (f"synthetic negative-binomial counts (wbdit.datasets.synthetic, seed {self.train.seed}): "
                 f"{self.n_cells} cells x {self.n_genes} genes, {self.n_types} types")
 
 
 def prepare_data(config: CompareConfig, out_dir: Path) -> tuple[Path, Path]:
     """Write the training and held-out cells once, so every variant reads identical data."""
-    from wbdit import datasets
-    from wbdit.data import write_h5ad
-
     if config.data == "pbmc":
         adata = datasets.pbmc68k()
     else:
-        adata = datasets.synthetic(config.n_cells, config.n_genes, config.n_types, seed=config.seed)
-    train_idx, test_idx = split_cells(adata, LABEL_KEY, config.held_out, config.seed)
+        adata = datasets.synthetic(config.n_cells, config.n_genes, config.n_types, seed=config.train.seed)
+    train_idx, test_idx = split_cells(adata, LABEL_KEY, config.held_out, config.train.seed)
     paths = out_dir / "data" / "train.h5ad", out_dir / "data" / "heldout.h5ad"
     for path, idx in zip(paths, (train_idx, test_idx)):
         write_h5ad(adata[idx].copy(), path)
@@ -139,30 +138,28 @@ class _EpochMemory:
 def train_variant(name: str, config: CompareConfig, data: tuple[str, str], out_dir: str, device: str,
                   progress: bool) -> dict:
     """Train one variant with ``wbdit.train``; return its parameter count, ops and epoch log."""
-    from wbdit import ops
-    from wbdit.data import read_h5ad
-    from wbdit.model import build_model
-    from wbdit.trainer import TrainConfig, train
-
     arch, fused = VARIANTS[name]
     real_train, real_test = read_h5ad(data[0]), read_h5ad(data[1])
-    torch.manual_seed(config.seed)  # same initial weights for the same architecture
+    torch.manual_seed(config.train.seed)  # same initial weights for the same architecture
     built = []
 
     def factory(n_genes: int, num_classes: int | None):
         built.append(build_model(arch, n_genes=n_genes, num_classes=num_classes, fused=fused, **config.model))
         return built[-1]
 
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                               warmup_steps=config.warmup_steps, ema_decay=config.ema_decay, seed=config.seed,
-                               eval_every=config.eval_every, eval_cells=config.eval_cells)
+    evaluator = None
+    if config.train.eval_every:  # scikit-learn, POT: only when evaluating
+        from wbdit.evaluation import during_training
+
+        evaluator = during_training(real_test, reference=real_train, n_cells=config.train.eval_cells,
+                                    seed=config.train.seed)
     run_dir = Path(out_dir) / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # compare owns its run directories: start afresh
     meter = PeakMemory(device)
     baseline = meter.current()
     meter.reset()
     run = train(real_train, factory, label_key=LABEL_KEY, out_dir=run_dir,
-                config=train_config, eval_data=real_test, device=device, progress=progress,
+                config=config.train, evaluate=evaluator, device=device, progress=progress,
                 hook=_EpochMemory(meter))
     return dict(
         name=name, arch=arch, fused=fused, params=sum(p.numel() for p in built[0].parameters()),
@@ -209,18 +206,14 @@ def speed_ratios(models: dict[str, dict]) -> dict[str, float]:
 def run_compare(out_dir: str | Path, config: CompareConfig | None = None, device: str | torch.device | None = None,
                 progress: bool = True) -> dict:
     """Train every variant in ``config.models``, then write compare.json, compare.md and the plots."""
-    from wbdit.trainer import default_device
-
     device = torch.device(device) if device is not None else default_device()
     config = config or CompareConfig.for_device(device)
     out = Path(out_dir)
-    if config.eval_every:
-        import wbdit.evaluation  # noqa: F401  fail now, not after the first epochs of training
     data = prepare_data(config, out)
     models = {}
     for i, name in enumerate(config.models, 1):
         if progress:
-            print(f"[{i}/{len(config.models)}] {name}: {config.epochs} epochs on {device}", flush=True)
+            print(f"[{i}/{len(config.models)}] {name}: {config.train.epochs} epochs on {device}", flush=True)
         args = (name, config, tuple(map(str, data)), str(out), str(device), progress)
         result = _train_isolated(*args) if config.isolate else train_variant(*args)
         result["summary"] = summarize(result)
@@ -256,19 +249,19 @@ def markdown(report: dict) -> str:
     mem_head = "peak CUDA alloc (MiB)" if mem["kind"].startswith("cuda") else "peak RSS (MiB)"
     timed = first["summary"]["timed_epochs"]
     lines = [
-        f"## WB-DiT vs DiT: {config['epochs']} epochs, batch {config['batch_size']}",
+        f"## WB-DiT vs DiT: {config['train']['epochs']} epochs, batch {config['train']['batch_size']}",
         "",
         f"- Machine: {machine['device']} ({machine['cpu_cores']} CPU cores, torch {machine['torch']}, "
         f"{machine['torch_threads']} threads), {report['date']}",
         f"- Data: {report['data']}; {config['held_out']:.0%} held out for evaluation",
-        f"- Model size: {config['model']}; AdamW lr {config['lr']}, warm-up {config['warmup_steps']} steps, "
-        f"EMA {config['ema_decay']}, seed {config['seed']}",
+        f"- Model size: {config['model']}; AdamW lr {config['train']['lr']}, warm-up {config['train']['warmup_steps']} steps, "
+        f"EMA {config['train']['ema_decay']}, seed {config['train']['seed']}",
         f"- Time per epoch and cells/s: training only, median over epochs {timed[0]}..{timed[-1]}; "
         f"memory: {mem['kind']} ({mem['scope']}), max over epochs, evaluation epochs included"
         + ("" if mem["kind"].startswith("cuda") else f"; the process held {mem['baseline_bytes'] / MiB:.0f} MiB "
            "before training"),
-        f"- Evaluation: every {config['eval_every']} epochs, {config['eval_cells']} generated cells vs the held-out "
-        "cells (PCA space fitted on real cells; see wbdit.evaluation)" if config["eval_every"] else "- Evaluation: off",
+        f"- Evaluation: every {config['train']['eval_every']} epochs, {config['train']['eval_cells']} generated cells vs the held-out "
+        "cells (PCA space fitted on real cells; see wbdit.evaluation)" if config["train"]["eval_every"] else "- Evaluation: off",
         "",
         _row(["model", "params", "s/epoch", "cells/s", mem_head, "final loss", *metric_names]),
         _row(["---"] + ["---:"] * (5 + len(metric_names))),

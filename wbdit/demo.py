@@ -6,31 +6,20 @@ import shutil
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 
 from wbdit import datasets
 from wbdit.atomic import atomic_path
-from wbdit.data import write_h5ad
+from wbdit.data import split_cells, write_h5ad
 from wbdit.model import PRESETS, WhiteBoxDiT
 from wbdit.sampling import sample
-from wbdit.trainer import TrainConfig, train
+from wbdit.run import TrainConfig
+from wbdit.trainer import train
 
 # Settings chosen by the experiments in benchmarks/QUALITY.md.
 DEMO_CONFIG = TrainConfig(epochs=450)
 DEMO_SAMPLING = dict(sampler="ddim", steps=50, eta=0.0, cfg_scale=1.5)
 HELD_OUT = 0.3
-
-
-def split_cells(adata: ad.AnnData, label_key: str, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split: (train indices, held-out indices) with ``fraction`` of each type held out."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for name in adata.obs[label_key].unique():
-        idx = np.flatnonzero(adata.obs[label_key].to_numpy() == name)
-        held.extend(rng.choice(idx, size=int(round(fraction * len(idx))), replace=False))
-    held_out = np.sort(np.asarray(held, dtype=np.int64))
-    return np.setdiff1d(np.arange(adata.n_obs), held_out), held_out
 
 
 def run_demo(out_dir: str = "wbdit-demo", config: TrainConfig = DEMO_CONFIG, seed: int = 0,

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from wbdit.profiling import nvtx_range
+from wbdit.nvtx import nvtx_range
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "x0", "v")
+SAMPLERS = ("ddim", "ddpm")
 
 
 def make_betas(schedule: str, num_timesteps: int) -> np.ndarray:
@@ -160,8 +161,8 @@ class GaussianDiffusion:
         "ddpm": ancestral sampling through all T steps with the posterior variance.
         "ddim": ``steps`` steps, ``eta`` = 0 deterministic, 1 = DDPM-like noise.
         """
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
         if n < 1 or n_features < 1:
             raise ValueError(f"need n >= 1 samples of n_features >= 1, got n={n}, n_features={n_features}")
         if not (math.isfinite(eta) and eta >= 0):

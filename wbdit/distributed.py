@@ -8,7 +8,7 @@ those variables, or with one process, everything here is a no-op and training is
 How ``wbdit.trainer.train`` splits the work, so that N processes follow the same trajectory
 as one process with the same global batch (up to float summation order):
 
-- every rank reads the same global batch order (``wbdit.data.CellBatches``, a pure function
+- every rank reads the same global batch order (``wbdit.batches.CellBatches``, a pure function
   of seed and epoch) and keeps its ``shard`` of rows: ``batch_size / world_size`` cells;
 - t, noise and label dropout are drawn for the whole global batch from a generator with the
   same seed and state on every rank, and each rank keeps its rows;
@@ -99,3 +99,8 @@ def teardown() -> None:
     """Leave the process group (idempotent)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def default_device() -> torch.device:
+    """The device training and sampling use unless told: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

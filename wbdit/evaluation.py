@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import anndata as ad
 import numpy as np
@@ -43,9 +44,13 @@ from threadpoolctl import threadpool_limits
 from wbdit import metrics as M
 from wbdit import plots
 from wbdit.atomic import atomic_path
+from wbdit.data import read_h5ad
+from wbdit.errors import MissingKeyError
 from wbdit.plots import plot_training_curves
+from wbdit.preprocessing import TARGET_SUM
+from wbdit.run import Run
+from wbdit.sampling import sample
 
-TARGET_SUM = 1e4
 MAX_CELLS_OT = 2000
 MIN_GROUP_CELLS = 10  # below this many cells on a side, a cell type's distribution metrics are left empty
 # The evaluation runs every BLAS/OpenMP pool on one thread. Its problems are small (at most a
@@ -111,7 +116,7 @@ def _prepare(adata: ad.AnnData, what: str, genes: pd.Index, label_key: str | Non
     labels = None
     if label_key is not None:
         if label_key not in adata.obs.columns:
-            raise KeyError(f"label_key {label_key!r} is not a column of {what}.obs; "
+            raise MissingKeyError(f"label_key {label_key!r} is not a column of {what}.obs; "
                            f"available columns: {list(adata.obs.columns)}")
         column = adata.obs[label_key]
         if column.isna().any():
@@ -480,7 +485,6 @@ def cli_evaluate(real_path: str, generated_path: str, out_dir: str, label_key: s
     ``reference_path``: optional .h5ad of other real cells (e.g. the training cells), passed
     to ``evaluate`` as ``reference``: the PCA is then fit on them.
     """
-    from wbdit.data import read_h5ad  # clear errors for a missing or non-h5ad file
 
     real, generated = read_h5ad(real_path), read_h5ad(generated_path)
     reference = read_h5ad(reference_path) if reference_path is not None else None
@@ -492,3 +496,18 @@ def cli_evaluate(real_path: str, generated_path: str, out_dir: str, label_key: s
 
 
 __all__ = ["EvalReport", "METRICS", "cli_evaluate", "evaluate", "plot_training_curves", "write_report"]
+
+
+def during_training(real: ad.AnnData, reference: ad.AnnData | None = None, n_cells: int = 500,
+                    seed: int = 0) -> Callable[[Run], dict]:
+    """An evaluator for ``wbdit.train(evaluate=...)``: headline metrics of ``n_cells`` cells
+    sampled from the EMA model against ``real``. Pass the held-out cells as ``real`` and the
+    training cells as ``reference`` (the PCA is then fit on them), or the training cells alone."""
+
+    def evaluate_run(run: Run) -> dict:
+        device = next(run.model.parameters()).device
+        gen = sample(run, n_cells=n_cells, seed=seed, device=device, progress=False)
+        return evaluate(real, gen, label_key=run.preprocessor.label_key, baselines=False,
+                        reference=reference).headline()
+
+    return evaluate_run

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from wbdit import ops
-from wbdit.profiling import nvtx_range
+from wbdit.nvtx import nvtx_range
 from wbdit.reference import sincos_pos_embed, unpatchify
 
 
@@ -44,17 +44,38 @@ class MSSA(FusedModule):
 
 
 class ISTA(FusedModule):
-    """One ISTA step ``relu(x + eta (x D - x D^T D) - eta lambda)`` with dictionary D (H, H)."""
+    """One ISTA step ``relu(x + eta (x D - x D^T D) - eta lambda)`` with dictionary D (H, H).
+
+    The fast paths compute ``relu(x + x B - eta lambda)``, B = eta (D - D^T D). While D is
+    constant (no gradient wanted: sampling) B is formed once and kept until D changes.
+    """
 
     def __init__(self, hidden_size: int, eta: float = 0.1, lmbda: float = 0.1):
         super().__init__()
         self.eta, self.lmbda = eta, lmbda
         self.D = nn.Parameter(torch.empty(hidden_size, hidden_size))
         nn.init.kaiming_uniform_(self.D)
+        self._constant_B: tuple[tuple, Tensor, Tensor] | None = None  # (key of D, D's storage, B)
 
     def forward(self, x: Tensor) -> Tensor:
         with nvtx_range("ista"):
-            return ops.ista(x, self.D, self.eta, self.lmbda, fused=self.fused)
+            return ops.ista(x, self.D, self.eta, self.lmbda, fused=self.fused, B=self._cached_B())
+
+    def _cached_B(self) -> Tensor | None:
+        """``ops.ista_matrix(D, eta)`` while D is constant, formed again only when D changed;
+        None (the op forms B itself, differentiably) when D needs a gradient, under torch.compile
+        (which traces B into the graph instead) or on the reference path (which has no B)."""
+        D = self.D
+        if not self.fused or torch.compiler.is_compiling() or (torch.is_grad_enabled() and D.requires_grad):
+            self._constant_B = None
+            return None
+        # In-place writes (optimizer, EMA, load_state_dict) bump _version (writes through D.data
+        # do not); .to() and assigning .data move the storage, and holding D's storage keeps its
+        # address from being reused. A B formed under inference_mode cannot be saved for backward.
+        key = (D.data_ptr(), D._version, D.device, D.dtype, self.eta, torch.is_inference_mode_enabled())
+        if self._constant_B is None or self._constant_B[0] != key:
+            self._constant_B = (key, D.detach(), ops.ista_matrix(D, self.eta))
+        return self._constant_B[2]
 
 
 class Attention(FusedModule):
@@ -115,7 +136,7 @@ class FinalLayer(nn.Module):
             return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class _GeneDiT(nn.Module):
+class GeneDiT(nn.Module):
     """Shared trunk: patch + timestep (+ label) embedding, adaLN-Zero blocks, final layer.
 
     Subclasses define ``_mixer_and_ffn(hidden_size, num_heads)``, the block's two branches.
@@ -207,21 +228,21 @@ class _GeneDiT(nn.Module):
         return unpatchify(self.final_layer(h, c), self.n_genes)
 
 
-class WhiteBoxDiT(_GeneDiT):
+class WhiteBoxDiT(GeneDiT):
     """White-box DiT: MSSA token mixing and an ISTA sparse-coding step in every block."""
 
     def _mixer_and_ffn(self, hidden_size: int, num_heads: int) -> tuple[nn.Module, nn.Module]:
         return MSSA(hidden_size, num_heads), ISTA(hidden_size)
 
 
-class DiT(_GeneDiT):
+class DiT(GeneDiT):
     """The DiT baseline: multi-head attention (qkv with bias) and a tanh-GELU MLP (ratio 4)."""
 
     def _mixer_and_ffn(self, hidden_size: int, num_heads: int) -> tuple[nn.Module, nn.Module]:
         return Attention(hidden_size, num_heads), MLP(hidden_size)
 
 
-MODELS: dict[str, type[_GeneDiT]] = {"wbdit": WhiteBoxDiT, "dit": DiT}
+MODELS: dict[str, type[GeneDiT]] = {"wbdit": WhiteBoxDiT, "dit": DiT}
 
 # Model sizes: "seed" is the paper's configuration; "small" is the measured default for
 # datasets of thousands of cells on a CPU (benchmarks/QUALITY.md).
@@ -231,7 +252,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def build_model(arch: str, **config) -> _GeneDiT:
+def build_model(arch: str, **config) -> GeneDiT:
     """Construct ``WhiteBoxDiT`` (arch "wbdit") or ``DiT`` ("dit") from a config dict."""
     if arch not in MODELS:
         raise ValueError(f"unknown model architecture {arch!r}; choose from {sorted(MODELS)}")

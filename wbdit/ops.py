@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from wbdit import reference
+from wbdit import fastpaths, reference
 
 STRICT_ENV = "WBDIT_STRICT_FUSED"
 
@@ -33,9 +32,14 @@ class Impl:
     priority: int
 
 
+def _ista_reference(x: Tensor, D: Tensor, eta: float, lmbda: float, B: Tensor | None) -> Tensor:
+    # B, the fast paths' precomputed matrix, is not used: the reference is CRATE's literal form.
+    return reference.ista(x, D, eta, lmbda)
+
+
 _REFERENCE: dict[str, Callable[..., Tensor]] = {
     "mssa": reference.mssa,
-    "ista": reference.ista,
+    "ista": _ista_reference,
     "attention": reference.attention,
     "patch_embed": reference.patch_embed,
     "timestep_embedding": reference.timestep_embedding,
@@ -78,7 +82,11 @@ def _load_backends() -> None:
     if _backends_loaded:
         return
     _backends_loaded = True
-    for backend, module in (("triton", "wbdit.kernels"), ("extension", "wbdit.extension")):
+    for backend, module in (
+        ("triton", "wbdit.kernels"),
+        ("extension", "wbdit.extension"),
+        ("torch", "wbdit.fastpaths"),
+    ):
         try:
             importlib.import_module(module).register_ops(register, _triton_supports)
         except Exception as exc:  # ImportError, or a broken build: reported, not hidden
@@ -112,7 +120,7 @@ def _dispatch(op: str, fused: bool, *args) -> Tensor:
 
 
 def report() -> dict[str, str]:
-    """Which implementation each op ran last, e.g. ``{"mssa": "triton", "ista": "cpu-2gemm"}``."""
+    """Which implementation each op ran last, e.g. ``{"mssa": "triton", "ista": "cpu-1gemm"}``."""
     return dict(_LAST)
 
 
@@ -132,9 +140,21 @@ def mssa(w: Tensor, num_heads: int, fused: bool = False) -> Tensor:
     return _dispatch("mssa", fused, w, num_heads)
 
 
-def ista(x: Tensor, D: Tensor, eta: float, lmbda: float, fused: bool = False) -> Tensor:
-    """ISTA step ``relu(x + eta (x - x D^T) D - eta lmbda)``: x (..., H), D (H, H)."""
-    return _dispatch("ista", fused, x, D, eta, lmbda)
+def ista(x: Tensor, D: Tensor, eta: float, lmbda: float, fused: bool = False, B: Tensor | None = None) -> Tensor:
+    """ISTA step ``relu(x + eta (x D - x D^T D) - eta lmbda)``: x (..., H), D (H, H) -> like x.
+
+    The fast paths compute ``relu(x + x B - eta lmbda)`` with ``B = ista_matrix(D, eta)``. A caller
+    whose D is constant (sampling) passes that B, formed once; it carries no gradient to D, so it
+    is refused while D needs one. The reference ignores B.
+    """
+    if B is not None and torch.is_grad_enabled() and D.requires_grad:
+        raise ValueError("a precomputed B is for a constant D: D requires grad here")
+    return _dispatch("ista", fused, x, D, eta, lmbda, B)
+
+
+def ista_matrix(D: Tensor, eta: float) -> Tensor:
+    """``B = eta (D - D^T D)``, (H, H) float32, for ``ista(..., B=B)`` (``wbdit.fastpaths.ista_matrix``)."""
+    return fastpaths.ista_matrix(D, eta)
 
 
 def attention(qkv: Tensor, num_heads: int, fused: bool = False) -> Tensor:
@@ -150,32 +170,3 @@ def patch_embed(x: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, fuse
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, fused: bool = False) -> Tensor:
     """Sinusoidal timestep embedding: t (B,) -> (B, dim) float32."""
     return _dispatch("timestep_embedding", fused, t, dim, max_period)
-
-
-# ---------------------------------------------------------------- CPU fast paths
-
-
-def _cpu(*args) -> bool:
-    return _first_tensor(args).device.type == "cpu"
-
-
-@register("mssa", "cpu-sdpa", _cpu, priority=-10)
-def _mssa_sdpa(w: Tensor, num_heads: int) -> Tensor:
-    B, N, C = w.shape
-    wh = w.view(B, N, num_heads, C // num_heads).transpose(1, 2)
-    return F.scaled_dot_product_attention(wh, wh, wh).transpose(1, 2).reshape(B, N, C)
-
-
-@register("ista", "cpu-2gemm", _cpu, priority=-10)
-def _ista_two_gemm(x: Tensor, D: Tensor, eta: float, lmbda: float) -> Tensor:
-    # x D - x D^T D = (x - x D^T) D: two GEMMs instead of three.
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.addmm(x2, x2 - x2 @ D.t(), D, alpha=eta)
-    return F.relu(out - eta * lmbda).view_as(x)
-
-
-@register("attention", "sdpa", lambda *a: True, priority=-10)
-def _attention_sdpa(qkv: Tensor, num_heads: int) -> Tensor:
-    B, N, C3 = qkv.shape
-    q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C3 // 3)

@@ -1,13 +1,9 @@
 """Where training time and memory go: NVTX ranges, peak memory, and ``wbdit profile``.
 
-- ``nvtx_range``: named ranges for Nsight Systems timelines (no-ops without CUDA).
 - ``PeakMemory``: peak memory between resets, CUDA (max allocated) or CPU (peak RSS).
 - ``profile_training``: a few warm-up and measured steps of the real training loop
   (``wbdit.train``) under ``torch.profiler`` (Chrome trace + top-ops table), or, for
   Nsight Systems, bracketed by ``cudaProfilerStart``/``Stop`` (see ``nsys_command``).
-
-Heavy imports (the trainer, the data sets) happen inside the functions: the model and
-the trainer import this module for ``nvtx_range``.
 """
 from __future__ import annotations
 
@@ -23,24 +19,12 @@ from pathlib import Path
 
 import torch
 
+from wbdit import datasets, ops
 from wbdit.atomic import atomic_path
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str):
-    """Push an NVTX range named ``name`` around the block when CUDA is available.
-
-    A CPU-only torch build raises on NVTX calls, and under ``torch.compile`` the range
-    would break the graph, so both cases run the block without a range.
-    """
-    if not torch.cuda.is_available() or torch.compiler.is_compiling():
-        yield
-        return
-    torch.cuda.nvtx.range_push(name)
-    try:
-        yield
-    finally:
-        torch.cuda.nvtx.range_pop()
+from wbdit.distributed import default_device
+from wbdit.model import PRESETS, build_model
+from wbdit.run import TrainConfig
+from wbdit.trainer import train
 
 
 def describe_machine(device: torch.device | str) -> dict[str, object]:
@@ -195,10 +179,6 @@ def profile_training(
     measured steps are bracketed by cudaProfilerStart/Stop for ``nsys_command`` (on a CPU
     there is nothing to bracket: the steps just run and are timed).
     """
-    from wbdit import datasets, ops
-    from wbdit.model import PRESETS, build_model
-    from wbdit.trainer import TrainConfig, default_device, train
-
     if warmup < 1 or steps < 1:
         raise ValueError(f"warmup and steps must be >= 1, got {warmup} and {steps}")
     device = torch.device(device) if device is not None else default_device()

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import os
 
-import anndata as ad
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 import torch
 
-from wbdit.data import Preprocessor
+from wbdit.data import ad, sp
+from wbdit.distributed import default_device
 from wbdit.model import arch_name
-from wbdit.trainer import Run, default_device
+from wbdit.preprocessing import Preprocessor, pd
+from wbdit.run import Run
 
 SPACE = "log1p(normalize_total(counts, 1e4))"
 
