@@ -1,7 +1,7 @@
 """Fused Triton kernels of WB-DiT (installed as ``wbdit.kernels``).
 
 - :mod:`wbdit.kernels.mssa`: subspace self-attention (Q = K = V), flash-style forward and backward.
-- :mod:`wbdit.kernels.ista`: the ISTA sparse-coding step, two fused GEMMs forward, three backward.
+- :mod:`wbdit.kernels.ista`: the ISTA sparse-coding step, one fused GEMM forward, two backward.
 - :mod:`wbdit.kernels.aot`: ahead-of-time compilation for sm_80 / sm_90a and the resource table.
 
 Each op is a ``torch.library`` custom op (``wbdit::mssa_triton_fwd`` / ``_bwd``,
@@ -23,8 +23,8 @@ def register_ops(register, supports) -> None:
     def mssa_ok(w, num_heads) -> bool:  # other head dims and dtypes fall back (with a warning)
         return supports(w) and w.dtype in TRITON_DTYPE and w.shape[-1] // num_heads <= mssa.MAX_HEAD_DIM
 
-    def ista_ok(x, D, eta, lmbda) -> bool:
-        return supports(x) and x.dtype in TRITON_DTYPE and D.dtype == x.dtype
+    def ista_ok(x, D, eta, lmbda, B) -> bool:  # D of any float dtype: B is formed from it in fp32
+        return supports(x) and x.dtype in TRITON_DTYPE
 
     register("mssa", "triton", mssa_ok, priority=10)(mssa.mssa)
     register("ista", "triton", ista_ok, priority=10)(ista.ista)

@@ -7,11 +7,18 @@ For every launch the dispatch heuristics can choose (``forward_specs`` / ``backw
 metadata, and looks for tensor-core instructions in the PTX (``mma.sync`` on sm_80,
 ``wgmma.mma_async`` or ``mma.sync`` on sm_90a).
 
+Besides the heuristics' choices it compiles the measured winners of the winners file
+(:mod:`wbdit.tuning`, per architecture) and every alternative the GPU suite's tile sweep times
+(``tuning.SWEEP``), so a sweep on a lent GPU only times configurations known to compile and fit.
+
 ``python -m wbdit.kernels.aot`` prints the resource table in Markdown; ``--json PATH`` also
-writes the rows, ``--results benchmarks/RESULTS.md`` rewrites that file's section
+writes the rows (``--rows PATH`` reads them back instead of compiling), ``--compare OTHER.json``
+puts the rows another Triton version wrote beside these, ``--results benchmarks/RESULTS.md``
+rewrites that file's section
 "Triton kernel resources (AOT, no GPU)". Run it without ``TRITON_INTERPRET=1``: interpreted
 kernels cannot be compiled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +30,14 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from wbdit import tuning
 
 from . import ista, mssa
 from .common import KernelSpec, interpreting
@@ -62,6 +71,8 @@ class Resources:
     kernel: str
     arch: str
     dtype: str
+    roles: str  # why it is compiled: "heuristic", "winner sm_90", "sweep" (comma-separated)
+    triton: str
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
@@ -74,22 +85,72 @@ class Resources:
     wgmma: bool
 
 
-def all_specs() -> list[tuple[str, KernelSpec]]:
-    """(dtype name, spec) for every distinct configuration (kernel, dtype, constexprs, warps, stages)
-    over the covered shapes and dtypes. Shapes are visited seed first, so a configuration is
-    compiled with the integer divisibility hints of the first shape that chose it."""
-    seen: dict[tuple, tuple[str, KernelSpec]] = {}
+class Config(NamedTuple):
+    """One configuration to compile: the dtype name, the launch, and why it is in the table."""
+
+    dtype: str
+    spec: KernelSpec
+    roles: tuple[str, ...]
+
+
+def _dispatch_specs(dtype: torch.dtype) -> list[KernelSpec]:
+    """Every launch the dispatch makes for the covered shapes in ``dtype``, seed shape first."""
+    specs = []
+    for B, N, H, d in [SEED_MSSA, LARGE_MSSA, *TEST_MSSA]:
+        shape = mssa.MssaShape(B, N, H, d, dtype)
+        specs += mssa.forward_specs(shape) + mssa.backward_specs(shape)
+    for M, H in [SEED_ISTA, LARGE_ISTA, *TEST_ISTA]:
+        shape = ista.IstaShape(M, H, dtype)
+        specs += ista.forward_specs(shape) + ista.backward_specs(shape)
+    return specs
+
+
+def _sweep_specs() -> list[tuple[torch.dtype, KernelSpec]]:
+    """The seed-shape launches of every ``tuning.SWEEP`` alternative, in the key's dtype."""
+    out = []
+    for kernel, keys in tuning.SWEEP.items():
+        for key, configs in keys.items():
+            dtype = getattr(torch, key.split("/")[0])
+            for config in configs:
+                with tuning.forced({kernel: config}):
+                    mssa_shape = mssa.MssaShape(*SEED_MSSA, dtype)
+                    ista_shape = ista.IstaShape(*SEED_ISTA, dtype)
+                    specs = (
+                        mssa.forward_specs(mssa_shape)
+                        + mssa.backward_specs(mssa_shape)
+                        + ista.forward_specs(ista_shape)
+                        + ista.backward_specs(ista_shape)
+                    )
+                out += [(dtype, s) for s in specs if s.name == kernel]
+    return out
+
+
+def all_specs() -> list[Config]:
+    """Every distinct configuration (kernel, dtype, constexprs, warps, stages): the heuristics'
+    choices over the covered shapes and dtypes (no GPU: no winners apply), the winners the
+    winners file holds for each architecture, and the sweep's alternatives. Heuristic shapes are
+    visited seed first, so a configuration is compiled with the integer divisibility hints of the
+    first shape that chose it."""
+    found: list[tuple[str, torch.dtype, KernelSpec]] = []
     for dtype in DTYPES:
-        specs = []
-        for B, N, H, d in [SEED_MSSA, LARGE_MSSA, *TEST_MSSA]:
-            shape = mssa.MssaShape(B, N, H, d, dtype)
-            specs += mssa.forward_specs(shape) + mssa.backward_specs(shape)
-        for M, H in [SEED_ISTA, LARGE_ISTA, *TEST_ISTA]:
-            shape = ista.IstaShape(M, H, dtype)
-            specs += ista.forward_specs(shape) + ista.backward_specs(shape)
-        for spec in specs:
-            key = (spec.name, dtype, tuple(sorted(spec.constexprs.items())), spec.num_warps, spec.num_stages)
-            seen.setdefault(key, (str(dtype).replace("torch.", ""), spec))
+        with tuning.for_arch(None):  # the heuristics, even on a machine with a GPU
+            found += [("heuristic", dtype, s) for s in _dispatch_specs(dtype)]
+    for arch in tuning.load():
+        for dtype in DTYPES:
+            with tuning.for_arch(arch):
+                found += [(f"winner {arch}", dtype, s) for s in _dispatch_specs(dtype)]
+    found += [("sweep", dtype, s) for dtype, s in _sweep_specs()]
+
+    seen: dict[tuple, Config] = {}
+    for role, dtype, spec in found:
+        key = (spec.name, dtype, tuple(sorted(spec.constexprs.items())), spec.num_warps, spec.num_stages)
+        name = str(dtype).replace("torch.", "")
+        prev = seen.get(key)
+        if prev is None:
+            seen[key] = Config(name, spec, (role,))
+        elif role not in prev.roles and not (role.startswith("winner") and "heuristic" in prev.roles):
+            # A winner equal to the heuristic is no news; a sweep alternative that won is.
+            seen[key] = prev._replace(roles=prev.roles + (role,))
     return list(seen.values())
 
 
@@ -118,8 +179,12 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([ptxas, "-v", f"--gpu-name={GPU_NAME[arch]}", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        log = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={GPU_NAME[arch]}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or spills is None:
@@ -127,17 +192,35 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-def compile_spec(dtype: str, spec: KernelSpec, arch: int) -> Resources:
-    """Compile ``spec`` for ``arch`` (80 or 90) and measure what it uses."""
+def compile_spec(config: Config, arch: int) -> Resources:
+    """Compile ``config`` for ``arch`` (80 or 90) and measure what it uses."""
+    dtype, spec, roles = config
     if interpreting():
         raise RuntimeError("AOT compilation needs real Triton kernels: unset TRITON_INTERPRET")
-    compiled = triton.compile(_source(spec), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    compiled = triton.compile(
+        _source(spec),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
     ptx = compiled.asm["ptx"]
     regs, spill_st, spill_ld = _ptxas_usage(ptx, arch)
-    return Resources(spec.name, GPU_NAME[arch], dtype, dict(spec.constexprs), spec.num_warps, spec.num_stages,
-                     regs, spill_st, spill_ld, compiled.metadata.shared, SMEM_LIMIT[arch], "mma.sync" in ptx,
-                     "wgmma.mma_async" in ptx)
+    return Resources(
+        spec.name,
+        GPU_NAME[arch],
+        dtype,
+        ",".join(roles),
+        triton.__version__,
+        dict(spec.constexprs),
+        spec.num_warps,
+        spec.num_stages,
+        regs,
+        spill_st,
+        spill_ld,
+        compiled.metadata.shared,
+        SMEM_LIMIT[arch],
+        "mma.sync" in ptx,
+        "wgmma.mma_async" in ptx,
+    )
 
 
 def spill_bound(r: Resources) -> int:
@@ -154,8 +237,7 @@ def spill_bound(r: Resources) -> int:
 def _compile_job(job: tuple[int, int]) -> Resources:
     """Worker: (spec index, arch). Specs are rebuilt in the worker: JIT functions do not pickle."""
     index, arch = job
-    dtype, spec = all_specs()[index]
-    return compile_spec(dtype, spec, arch)
+    return compile_spec(all_specs()[index], arch)
 
 
 def compile_all(workers: int | None = None) -> list[Resources]:
@@ -165,37 +247,99 @@ def compile_all(workers: int | None = None) -> list[Resources]:
         return list(pool.map(_compile_job, jobs))
 
 
-def markdown_table(rows: list[Resources]) -> str:
-    """The resource table, one row per kernel, configuration and architecture."""
-    head = ("| kernel | arch | dtype | tiles | warps | stages | regs | spill st/ld (B) | smem (B) | tensor cores |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+def _row_key(r: Resources) -> tuple:
+    return r.kernel, r.arch, r.dtype, json.dumps(r.constexprs, sort_keys=True), r.num_warps, r.num_stages
+
+
+def _tensor_cores(r: Resources) -> str:
+    return "wgmma" if r.wgmma else "mma" if r.mma else "none"
+
+
+def _tiles(r: Resources) -> str:
+    return " ".join(f"{k.replace('BLOCK_', 'B')}={v}" for k, v in r.constexprs.items() if k.startswith("BLOCK_"))
+
+
+def _label(r: Resources) -> str:
+    return f"{r.kernel} {r.dtype} {r.arch} {_tiles(r)} w{r.num_warps} s{r.num_stages}"
+
+
+def _resources(r: Resources) -> tuple[str, str, str, str]:
+    return str(r.registers), f"{r.spill_stores}/{r.spill_loads}", str(r.shared_bytes), _tensor_cores(r)
+
+
+def markdown_table(rows: list[Resources], other: list[Resources] | None = None) -> str:
+    """The resource table, one row per kernel, configuration and architecture. With ``other``
+    (the same configurations compiled by another Triton version), each resource cell reads
+    "this / other" where the two differ."""
+    by_key = {_row_key(r): r for r in other or []}
+    versions = f" ({rows[0].triton} / {other[0].triton} where they differ)" if rows and other else ""
+    head = (
+        "| kernel | arch | dtype | tiles | warps | stages | why | regs | spill st/ld (B) | smem (B) "
+        "| tensor cores |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in rows:
-        tiles = " ".join(f"{k.replace('BLOCK_', 'B')}={v}" for k, v in r.constexprs.items() if k.startswith("BLOCK_"))
-        tc = "wgmma" if r.wgmma else "mma" if r.mma else "none"
-        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype} | {tiles} | {r.num_warps} | {r.num_stages} | "
-                     f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.shared_bytes} | {tc} |")
-    return head + "\n".join(lines) + "\n"
+        cells = _resources(r)
+        if other is not None:
+            o = by_key.get(_row_key(r))
+            theirs = _resources(o) if o else ("-",) * 4
+            cells = tuple(a if a == b else f"{a} / {b}" for a, b in zip(cells, theirs))
+        config = f"| {r.kernel} | {r.arch} | {r.dtype} | {_tiles(r)} | {r.num_warps} | {r.num_stages} | {r.roles} | "
+        lines.append(config + " | ".join(cells) + " |")
+    return (f"Resources{versions}:\n\n" if versions else "") + head + "\n".join(lines) + "\n"
 
 
-def results_section(rows: list[Resources]) -> str:
-    """The RESULTS.md section: how the table was made, then the table."""
-    return (f"{RESULTS_HEADING}\n\n"
-            f"`python -m wbdit.kernels.aot --results benchmarks/RESULTS.md` (Triton {triton.__version__}, "
-            "the wheel's ptxas; no GPU needed). Every configuration the dispatch heuristics choose for the seed "
-            "shape (MSSA B=256, N=200, 8 heads x 96; ISTA 51200 x 768), the larger benchmark shape and the test "
-            "shapes. fp32 runs tf32x3 tensor-core products, 16-bit runs native ones; smem limits per block: "
-            f"sm_80 {SMEM_LIMIT[80]} B, sm_90a {SMEM_LIMIT[90]} B. Spills: none, except the documented bound "
-            "of `spill_bound` (fp32 MSSA backward at head dim > 64).\n\n" + markdown_table(rows))
+def differences(rows: list[Resources], other: list[Resources]) -> list[str]:
+    """What changes between two Triton versions' tables, one line per kind of resource."""
+    by_key = {_row_key(r): r for r in other}
+    pairs = [(r, by_key[_row_key(r)]) for r in rows if _row_key(r) in by_key]
+    a, b = (rows[0].triton, other[0].triton) if pairs else ("?", "?")
+    out = [f"{len(pairs)} of {len(rows)} configurations compiled by both Triton {a} and {b}."]
+    deltas = sorted(r.registers - o.registers for r, o in pairs)
+    changed = [d for d in deltas if d]
+    if changed:
+        out.append(
+            f"Registers differ in {len(changed)} ({a} minus {b}: from {changed[0]:+d} to {changed[-1]:+d}, "
+            f"median {changed[len(changed) // 2]:+d}); equal in {len(deltas) - len(changed)}."
+        )
+    else:
+        out.append("Registers: equal everywhere.")
+    for what, get in (
+        ("Spills (stores/loads B)", lambda r: f"{r.spill_stores}/{r.spill_loads}"),
+        ("Shared memory (B)", lambda r: str(r.shared_bytes)),
+        ("Tensor cores", _tensor_cores),
+    ):
+        diff = [f"{_label(r)}: {get(r)} vs {get(o)}" for r, o in pairs if get(r) != get(o)]
+        out.append(f"{what}: " + ("; ".join(diff) if diff else "equal everywhere") + ".")
+    return out
 
 
-def update_results(path: str, rows: list[Resources]) -> None:
+def results_section(rows: list[Resources], other: list[Resources] | None = None) -> str:
+    """The RESULTS.md section: how the table was made, the differences to ``other``, the table."""
+    versions = f"Triton {rows[0].triton}" + (f" and Triton {other[0].triton}" if other else "")
+    text = (
+        f"{RESULTS_HEADING}\n\n"
+        f"`python -m wbdit.kernels.aot` ({versions}, each wheel's own ptxas; no GPU needed; "
+        "`bash benchmarks/gpu_suite.sh --twin` makes both). Every configuration the dispatch heuristics choose for "
+        "the seed shape (MSSA B=256, N=200, 8 heads x 96; ISTA 51200 x 768), the larger benchmark shape and the "
+        "test shapes (why = heuristic), the measured winners of `wbdit/tuning.json` (why = winner sm_XX) and the "
+        "alternatives the GPU suite's tile sweep times (why = sweep, `wbdit.tuning.SWEEP`). fp32 runs tf32x3 "
+        f"tensor-core products, 16-bit runs native ones; smem limits per block: sm_80 {SMEM_LIMIT[80]} B, "
+        f"sm_90a {SMEM_LIMIT[90]} B. Spills: none, except the documented bound of `spill_bound` (fp32 MSSA "
+        "backward at head dim > 64).\n\n"
+    )
+    if other:
+        text += "".join(f"- {line}\n" for line in differences(rows, other)) + "\n"
+    return text + markdown_table(rows, other)
+
+
+def update_results(path: str, rows: list[Resources], other: list[Resources] | None = None) -> None:
     """Replace (or append) this section of the Markdown file at ``path``, leaving the rest alone."""
     text = "# Results\n"
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    section = results_section(rows)
+    section = results_section(rows, other)
     start = text.find(RESULTS_HEADING)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
@@ -206,19 +350,29 @@ def update_results(path: str, rows: list[Resources]) -> None:
         f.write(text)
 
 
+def _read_rows(path: str) -> list[Resources]:
+    with open(path) as f:
+        return [Resources(**r) for r in json.load(f)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--rows", help="take the rows from this --json file instead of compiling")
+    parser.add_argument("--compare", help="rows another Triton version wrote with --json, shown beside these")
     parser.add_argument("--results", help="rewrite this Markdown file's resource section")
     parser.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: all cores)")
     args = parser.parse_args(argv)
-    rows = compile_all(args.workers)
+    rows = _read_rows(args.rows) if args.rows else compile_all(args.workers)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
+    other = _read_rows(args.compare) if args.compare else None
     if args.results:
-        update_results(args.results, rows)
-    sys.stdout.write(markdown_table(rows))
+        update_results(args.results, rows, other)
+    if other:
+        sys.stdout.write("".join(f"{line}\n" for line in differences(rows, other)))
+    sys.stdout.write(markdown_table(rows, other))
 
 
 if __name__ == "__main__":

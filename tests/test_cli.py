@@ -13,7 +13,7 @@ import pytest
 from wbdit import datasets
 from wbdit.cli import main
 from wbdit.data import read_h5ad, write_h5ad
-from wbdit.checkpoint import CHECKPOINT, LOG, load_checkpoint
+from wbdit.checkpoint import CHECKPOINT, LOG, PREVIOUS, load_checkpoint
 
 TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "10"]
 
@@ -42,7 +42,7 @@ def error_of(capsys) -> str:
 
 
 def test_train_writes_a_run(trained, capsys):
-    assert sorted(p.name for p in trained.iterdir()) == [CHECKPOINT, LOG]
+    assert sorted(p.name for p in trained.iterdir()) == sorted([CHECKPOINT, PREVIOUS, LOG])
     ckpt = load_checkpoint(trained)
     assert ckpt["arch"] == "wbdit" and ckpt["epoch"] == 2
     assert ckpt["model_config"] == dict(n_genes=25, num_classes=3, patch_size=10, hidden_size=32, depth=1, num_heads=2)

@@ -46,7 +46,7 @@ def test_two_gloo_processes_match_one_process_and_resume_with_another_world_size
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("trained 2 epochs") == 1  # rank 0 alone reports
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "log.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "log.jsonl"]
     two = _log(tmp_path / "two")
     assert [r["step"] for r in two] == [3, 6]
 

@@ -1,4 +1,5 @@
-"""The evaluator: metric values by hand, same vs shifted distributions, cell-type splits, inputs, errors, files."""
+"""The evaluator: metric values by hand, same vs shifted distributions, cell-type splits, the unbiased
+default space, gene selection, biology (markers, correlations, utility), baselines, inputs, errors, files."""
 import json
 import math
 import sys
@@ -10,8 +11,9 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from wbdit import metrics
-from wbdit.evaluation import HEADLINE, cli_evaluate, evaluate, plot_training_curves, write_report
+from wbdit import baselines, datasets, metrics, plots
+from wbdit.data import split_cells
+from wbdit.evaluation import HEADLINE, MAX_GENES, cli_evaluate, evaluate, plot_training_curves, write_report
 
 N_GENES = 60
 
@@ -109,7 +111,8 @@ def test_gene_metrics_by_hand():
 
 
 def test_same_distribution_reads_as_the_floor(same_report):
-    gen, floor, trivial = same_report.headline(), same_report.floor_headline(), same_report.trivial_headline()
+    gen, floor = same_report.headline(), same_report.floor_headline()
+    gaussian, resample = same_report.baseline_headline("gaussian"), same_report.baseline_headline("resample")
     assert abs(gen["mmd"]) < 0.02 and abs(floor["mmd"]) < 0.02
     assert 0.4 < gen["knn_auc"] < 0.6
     assert 0.4 < same_report.generated["overall"]["rf_auc"] < 0.6
@@ -118,8 +121,10 @@ def test_same_distribution_reads_as_the_floor(same_report):
         assert same_report.generated["overall"][k] == pytest.approx(same_report.floor["overall"][k], rel=0.1)
     assert gen["spearman_mean"] > 0.95 and gen["zero_frac_mad"] < 0.05
     assert gen["label_accuracy"] > 0.85 and gen["label_accuracy"] > floor["label_accuracy"] - 0.03
-    # the trivial Gaussian is told apart from real cells; it has no zero inflation
-    assert trivial["knn_auc"] > 0.6 and trivial["zero_frac_mad"] > 0.1
+    # the per-gene Gaussian is told apart from real cells and has no zero inflation; resampling
+    # each gene from its own real values keeps the zeros (it loses only gene-gene correlations)
+    assert gaussian["knn_auc"] > 0.6 and gaussian["zero_frac_mad"] > 0.1
+    assert resample["zero_frac_mad"] < 0.05 and resample["knn_auc"] < gaussian["knn_auc"]
 
 
 def test_shifted_distribution_is_far(same_report, shifted_report):
@@ -130,7 +135,7 @@ def test_shifted_distribution_is_far(same_report, shifted_report):
     floor = same_report.floor["overall"]
     assert shifted["w1"] > 1.1 * floor["w1"] and shifted["w2"] > 1.1 * floor["w2"]
     assert shifted["knn_auc"] > 0.95 and shifted["rf_auc"] > 0.95
-    assert shifted_report.floor is None and shifted_report.trivial is None
+    assert shifted_report.floor is None and shifted_report.baselines == {}
     with pytest.raises(ValueError, match="baselines=False"):
         shifted_report.floor_headline()
 
@@ -157,7 +162,9 @@ def test_per_cell_type_counts():
     # floor: each type split in halves; trivial: as many cells of each type as generated
     floor = report.floor["per_type"]
     assert {t: (floor[t]["n_real"], floor[t]["n_generated"]) for t in floor} == {"A": (25, 25), "B": (45, 45)}
-    assert {t: m["n_generated"] for t, m in report.trivial["per_type"].items()} == {"A": 40, "B": 20, "C": 12}
+    for name in ("gaussian", "resample"):  # as many cells of each type as generated
+        assert {t: m["n_generated"] for t, m in report.baselines[name]["per_type"].items()} == {
+            "A": 40, "B": 20, "C": 12}
     # label accuracy overall is the cell-weighted mean of the per-type accuracies
     acc = sum(per_type[t]["label_accuracy"] * per_type[t]["n_generated"] for t in per_type) / 72
     assert report.generated["overall"]["label_accuracy"] == pytest.approx(acc)
@@ -220,11 +227,15 @@ def test_reference_fits_the_pca_and_the_floor_splits_real():
     held_out = nb_cells({"A": 40, "B": 40}, seed=11, prefix="h")
     gen = nb_cells({"A": 30, "B": 30}, seed=12, prefix="g")
     report = evaluate(held_out, gen, label_key="cell_type", reference=train)
-    assert report.settings["pca_fit_on"] == "reference cells" and report.settings["n_reference"] == 200
+    assert report.settings["space"] == "reference" and report.settings["n_reference"] == 200
     assert report._pca.n_samples_ == 200
     # the floor: halves of the held-out real cells, both projected like the generated cells
     assert report.floor["overall"]["n_real"] == 40 and report.floor["overall"]["n_generated"] == 40
-    assert "reference PCA" in report.settings["floor"] and "reference" in report.settings["trivial"]
+    assert "comparison's PCA" in report.settings["floor"]
+    assert all("reference" in text for text in report.settings["baselines"].values())
+    # without a reference: one PCA per comparison, fit on both of its sides
+    joint = evaluate(held_out, gen, label_key="cell_type", baselines=False)
+    assert joint.settings["space"] == "joint" and joint._pca.n_samples_ == 80 + 60
     assert report.generated == evaluate(held_out, gen, label_key="cell_type", reference=train,
                                         baselines=False).generated
     assert report.settings["w_cells"] == 40  # min(n_real // 2, n_generated)
@@ -252,7 +263,7 @@ def test_report_is_json_and_cli_writes_files(real, tmp_path, monkeypatch, capsys
     assert "real-vs-real" in capsys.readouterr().out
     with pytest.warns(UserWarning, match="t-SNE"):
         with_ref = cli_evaluate(str(real_path), str(gen_path), str(tmp_path / "ref"), reference_path=str(real_path))
-    assert with_ref.settings["pca_fit_on"] == "reference cells"
+    assert with_ref.settings["space"] == "reference"
     with pytest.raises(FileNotFoundError, match="no such file"):
         cli_evaluate(str(tmp_path / "missing.h5ad"), str(gen_path), str(out))
     (tmp_path / "notes.h5ad").write_text("not hdf5")
@@ -279,5 +290,144 @@ def test_training_curves(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in paths] == ["training_loss.png", "training_metrics.png"]
     for p in paths:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # one column per x axis (epoch, optimizer step, training time) in both figures; loss adds throughput
+    assert png_width(paths[0]) == int(4.5 * 4 * plots.DPI) and png_width(paths[1]) == int(4.5 * 3 * plots.DPI)
     (tmp_path / "log.jsonl").write_text(lines[0] + "\n")  # no eval records: the loss curve only
     assert [p.rsplit("/", 1)[1] for p in plot_training_curves(tmp_path)] == ["training_loss.png"]
+    old = {k: v for k, v in json.loads(lines[0]).items() if k != "step"}  # a log without steps: epoch and time
+    (tmp_path / "log.jsonl").write_text(json.dumps(old) + "\n")
+    assert png_width(plot_training_curves(tmp_path)[0]) == int(4.5 * 3 * plots.DPI)
+
+
+def png_width(path) -> int:
+    return int.from_bytes(open(path, "rb").read(24)[16:20], "big")  # IHDR width
+
+
+def gene_shuffled(adata: ad.AnnData, seed: int) -> ad.AnnData:
+    """Each gene permuted across cells on its own: every per-gene marginal kept, every correlation gone."""
+    X = adata.X.toarray()
+    rng = np.random.default_rng(seed)
+    X = np.stack([X[rng.permutation(len(X)), j] for j in range(X.shape[1])], axis=1)
+    return ad.AnnData(sp.csr_matrix(X), obs=adata.obs.copy(), var=adata.var.copy())
+
+
+@pytest.mark.parametrize("which", ["pbmc68k", "sparse_20k_genes"])
+def test_default_space_scores_real_halves_as_indistinguishable(which):
+    """Issue 15: without a reference, two halves of one real dataset score AUC ~0.5 (0.71-0.74 kNN and
+    0.95-1.0 random forest when the PCA was fit on the real side alone), and gene-shuffled cells stay far."""
+    if which == "pbmc68k":
+        adata = datasets.pbmc68k()
+    else:  # sparse counts, 8% non-zero; 5 types with 100 marker genes each
+        adata = datasets.synthetic(n_cells=400, n_genes=20000, n_types=5, markers_per_type=100, seed=0)
+    first, second = split_cells(adata, "cell_type", 0.5, seed=1)
+    half_a, half_b = adata[first].copy(), adata[second].copy()
+    same = evaluate(half_a, half_b, baselines=False)  # the generated metrics do not depend on baselines
+    assert same.settings["space"] == "joint"
+    assert same.generated["overall"]["knn_auc"] <= 0.55 and same.generated["overall"]["rf_auc"] <= 0.55
+    shuffled = evaluate(half_a, gene_shuffled(half_b, seed=2), baselines=False).generated["overall"]
+    assert shuffled["knn_auc"] > 0.9
+    assert shuffled["mmd"] > 5 * abs(same.generated["overall"]["mmd"]) and shuffled["mmd"] > 0.05
+    # the correlation structure is what shuffling destroys
+    assert shuffled["gene_corr_mad"] > 2 * same.generated["overall"]["gene_corr_mad"]
+    if which == "sparse_20k_genes":
+        genes = same.settings["genes"]
+        assert same.settings["n_genes"] == MAX_GENES == len(genes["names"]) and genes["selected"]
+        assert "most highly variable of 20000" in same.table()
+
+
+def test_highly_variable_genes_above_the_limit_and_all_genes():
+    adata = datasets.synthetic(n_cells=120, n_genes=MAX_GENES + 400, n_types=3, markers_per_type=30, seed=4)
+    first, second = split_cells(adata, "cell_type", 0.5, seed=0)
+    real, gen = adata[first].copy(), adata[second].copy()
+    report = evaluate(real, gen, label_key="cell_type", baselines=False)
+    names = report.settings["genes"]["names"]
+    assert len(names) == MAX_GENES == report._pca.n_features_in_ and len(set(names)) == MAX_GENES
+    markers = {f"gene_{j}" for j in range(3 * 30)}  # the simulated markers vary most: all of them kept
+    assert markers <= set(names) and set(report.settings["genes"]["correlation_genes"]) <= set(names)
+    everything = evaluate(real, gen, label_key="cell_type", baselines=False, all_genes=True)
+    assert everything.settings["n_genes"] == MAX_GENES + 400 and everything.settings["genes"]["names"] is None
+    # with a reference the genes are ranked on it, whatever the compared cells
+    ranked = evaluate(real, gen, label_key="cell_type", baselines=False, reference=gen)
+    assert ranked.settings["genes"]["ranked_on"] == "reference cells"
+
+
+@pytest.fixture(scope="module")
+def biology_reports():
+    """Training cells, held-out real cells, and 'generated' cells that are real cells of the same
+    distribution (a perfect generator) or the same cells with their labels shuffled."""
+    per_type = {"A": 100, "B": 100, "C": 100}
+    train = nb_cells(per_type, seed=21, prefix="t")
+    held_out = nb_cells({"A": 60, "B": 60, "C": 60}, seed=22, prefix="h")
+    perfect = nb_cells(per_type, seed=23, prefix="g")
+    shuffled = perfect.copy()
+    shuffled.obs["cell_type"] = np.random.default_rng(0).permutation(shuffled.obs["cell_type"].to_numpy())
+    return (evaluate(held_out, perfect, label_key="cell_type", reference=train),
+            evaluate(held_out, shuffled, label_key="cell_type", reference=train, baselines=False))
+
+
+def test_marker_genes_real_near_floor_label_shuffled_far(biology_reports):
+    perfect, shuffled = biology_reports
+    gen, floor, bad = perfect.generated, perfect.floor, shuffled.generated
+    # every column is scored against the same real half at the floor's size: a perfect generator reads as the floor
+    assert abs(gen["overall"]["marker_recall"] - floor["overall"]["marker_recall"]) <= 0.1
+    assert abs(gen["overall"]["marker_logfc_rho"] - floor["overall"]["marker_logfc_rho"]) <= 0.1
+    assert floor["overall"]["marker_recall"] > 0.6 and floor["overall"]["marker_logfc_rho"] > 0.8
+    # label-shuffled cells have no markers of their own: about the 20 / 60 genes a random ranking shares
+    assert bad["overall"]["marker_recall"] < floor["overall"]["marker_recall"] - 0.3
+    assert bad["overall"]["marker_logfc_rho"] < 0.3
+    for t in ("A", "B", "C"):
+        assert gen["per_type"][t]["marker_recall"] is not None and floor["per_type"][t]["marker_recall"] is not None
+    assert bad["per_type"]["B"]["marker_recall"] < gen["per_type"]["B"]["marker_recall"] - 0.3
+
+
+def test_gene_correlation_structure_real_near_floor_label_shuffled_far(biology_reports):
+    perfect, shuffled = biology_reports
+    gen, floor, bad = perfect.generated, perfect.floor, shuffled.generated
+    assert gen["overall"]["gene_corr_mad"] == pytest.approx(floor["overall"]["gene_corr_mad"], rel=0.15)
+    # the overall correlations do not depend on labels; within a type, a mix of types correlates
+    # type B's up-regulated genes 0-9, which no real type does
+    assert bad["overall"]["gene_corr_mad"] == pytest.approx(gen["overall"]["gene_corr_mad"], rel=0.15)
+    for t in ("A", "C"):
+        assert gen["per_type"][t]["gene_corr_mad"] == pytest.approx(floor["per_type"][t]["gene_corr_mad"], rel=0.15)
+        assert bad["per_type"][t]["gene_corr_mad"] > 1.3 * floor["per_type"][t]["gene_corr_mad"]
+
+
+def test_downstream_utility_real_near_floor_label_shuffled_far(biology_reports):
+    perfect, shuffled = biology_reports
+    gen, floor, bad = perfect.generated["overall"], perfect.floor["overall"], shuffled.generated["overall"]
+    # cutting a type to 5 training cells hurts; its real cells (the floor) or a perfect generator's restore it
+    assert floor["utility_f1_cut"] < floor["utility_f1"] - 0.3
+    assert abs(gen["utility_f1"] - floor["utility_f1"]) <= 0.05
+    assert bad["utility_f1"] < floor["utility_f1"] - 0.1 and bad["utility_f1"] < gen["utility_f1"] - 0.1
+    assert set(perfect.generated["per_type"]["C"]) >= {"utility_f1", "utility_f1_cut", "utility_f1_real"}
+    for name in ("gaussian", "resample"):
+        assert perfect.baselines[name]["overall"]["utility_f1"] is not None
+    table = perfect.table()
+    for key in ("marker_recall", "marker_logfc_rho", "gene_corr_mad", "utility_f1", "resample", "gaussian"):
+        assert key in table
+    saved = perfect.to_dict()
+    assert saved["floor"]["overall"]["utility_f1"] == pytest.approx(floor["utility_f1"])
+    assert saved["metrics"]["utility_f1"]["space"] == "PCA" and saved["metrics"]["marker_recall"]["space"] == "genes"
+    # without training cells there is no utility, and the table says why
+    no_train = evaluate(perfect_cells := nb_cells({"A": 60, "B": 60}, seed=24), perfect_cells, baselines=False,
+                        label_key="cell_type")
+    assert no_train.headline()["utility_f1"] is None and "needs training cells" in no_train.table()
+
+
+def test_resample_baseline_keeps_each_genes_values_per_type():
+    train = nb_cells({"A": 80, "B": 40}, seed=31, prefix="t")
+    cells = baselines.baseline_cells("resample", train, cell_types={"A": 30, "B": 50}, seed=0)
+    assert list(cells.var_names) == list(train.var_names) and cells.obs["cell_type"].value_counts().to_dict() == {
+        "A": 30, "B": 50}
+    logx = log_normalized(train).X.toarray()
+    types = train.obs["cell_type"].astype(str).to_numpy()
+    for t in ("A", "B"):
+        drawn = cells.X[cells.obs["cell_type"].to_numpy() == t]
+        for j in range(0, N_GENES, 7):  # every drawn value is one of that gene's values in that type
+            assert np.isin(drawn[:, j], logx[types == t, j].astype(np.float32)).all()
+    gauss = baselines.baseline_cells("gaussian", train, n_cells=500, seed=0)
+    assert gauss.X.min() >= 0 and np.abs(gauss.X.mean(0) - logx.mean(0)).max() < 0.5
+    report = evaluate(train, cells, label_key="cell_type", baselines=False)  # an AnnData the evaluator takes
+    assert report.headline()["zero_frac_mad"] < 0.1
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baselines.baseline_cells("scvi", train, n_cells=5)

@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A new module must be placed here: an unplaced module fails the test.
 LAYERS = {
     "core": ["reference", "ops", "fastpaths", "extension", "kernels", "model", "diffusion", "checkpoint", "nvtx",
-             "atomic", "distributed", "errors", "extras", "tuning"],
+             "atomic", "distributed", "errors", "extras", "tuning", "runlock"],
     "data": ["data", "preprocessing", "batches", "datasets", "run"],
     "training": ["trainer", "sampling"],
-    "evaluation": ["metrics", "evaluation", "plots", "whitebox", "whitebox_report", "baselines", "markers"],
+    "evaluation": ["metrics", "evaluation", "plots", "whitebox", "whitebox_report", "baselines", "markers", "utility"],
     "commands": ["cli", "demo", "compare", "profiling", "__main__"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

@@ -341,7 +341,7 @@ def test_unfused_runs_reference():
 
 @pytest.mark.parametrize("op,args,name", [
     ("mssa", _mssa_args, "cpu-sdpa"),
-    ("ista", _ista_args, "cpu-2gemm"),
+    ("ista", _ista_args, "cpu-1gemm"),
     ("attention", _attention_args, "sdpa"),
 ])
 def test_cpu_fast_paths_equal_reference_fwd_bwd(monkeypatch, op, args, name):
@@ -369,7 +369,7 @@ def test_cpu_fast_paths_equal_reference_fwd_bwd(monkeypatch, op, args, name):
 @pytest.fixture
 def builtin_cpu_ops_only(monkeypatch):
     """The dispatch table as it is with no optional backend: only ops.py's own CPU paths."""
-    table = {op: [i for i in impls if i.name in ("cpu-sdpa", "cpu-2gemm", "sdpa")] for op, impls in ops._IMPLS.items()}
+    table = {op: [i for i in impls if i.name in ("cpu-sdpa", "cpu-1gemm", "sdpa")] for op, impls in ops._IMPLS.items()}
     monkeypatch.setattr(ops, "_IMPLS", table)
     monkeypatch.setattr(ops, "_backends_loaded", True)
     monkeypatch.setattr(ops, "_UNAVAILABLE", {"extension": "ImportError: simulated for the test"})
@@ -425,7 +425,7 @@ def test_fused_model_equals_reference_model_fwd_bwd(builtin_cpu_ops_only, cls):
     out_ref = ref(x, t, y)
     assert rep["mssa" if cls is WhiteBoxDiT else "attention"] in ("cpu-sdpa", "sdpa")
     if cls is WhiteBoxDiT:
-        assert rep["ista"] == "cpu-2gemm"
+        assert rep["ista"] == "cpu-1gemm"
     close(out_fast, out_ref)
     out_fast.square().sum().backward()
     out_ref.square().sum().backward()

@@ -1,9 +1,11 @@
 """Out-of-core training: chunked synthetic writer, streamed preprocessing, backed = in-memory batches,
-bounded memory on a file larger than the cap, and kill-and-resume inside an epoch."""
+bounded memory on a file larger than the cap, and kill-and-resume inside an epoch, again and again."""
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -17,7 +19,8 @@ from wbdit.data import read_h5ad
 from wbdit.preprocessing import Preprocessor
 from wbdit.datasets import SIM_CHUNK, synthetic, write_synthetic_h5ad
 from wbdit.model import WhiteBoxDiT
-from wbdit.checkpoint import load_checkpoint
+from wbdit.checkpoint import CHECKPOINT, LOG, PREVIOUS, load_checkpoint, read_log
+from wbdit.runlock import RunLockedError
 from wbdit.trainer import TrainHook
 
 TINY = dict(patch_size=10, hidden_size=32, depth=1, num_heads=2)
@@ -51,7 +54,8 @@ def test_streamed_fit_matches_the_in_memory_fit(counts_file, options):
     pre, rows, streamed_labels = Preprocessor.fit(read_h5ad(path, backed=True), chunk_cells=250, **options)
     a, b = asdict(mem), asdict(pre)
     # One pipeline: the same float64 moments, summed chunk by chunk, up to summation order.
-    for key in ("var_names", "input_kind", "categories", "class_counts", "x_max", "zero_threshold"):
+    for key in ("var_names", "input_kind", "label_keys", "label_categories", "label_combinations",
+                "combination_counts", "x_max", "zero_threshold"):
         assert a[key] == b[key], key
     np.testing.assert_allclose(b["center"], a["center"], rtol=1e-12)
     np.testing.assert_allclose(b["scale"], a["scale"], rtol=1e-9)
@@ -184,33 +188,47 @@ def test_a_file_larger_than_the_memory_cap_trains_within_it(tmp_path):
 
 
 KILL_CHILD = """
-import json, os, signal, sys
+import json, os, signal, sys, time
 import torch
 import wbdit
 from wbdit.model import WhiteBoxDiT
 from wbdit.trainer import TrainHook
 
-real_save = torch.save
+# argv: data, run dir, losses file, model sizes, train config, fault. The fault {"step": S, "at": A}
+# strikes the save of step S: "write" SIGKILLs it half-way through writing the temporary file,
+# "rename" between its two renames (the newest checkpoint has just become the previous one),
+# "hang" half-way through writing, until the parent kills it; {} runs without a fault.
+fault = json.loads(sys.argv[6])
+real_save, real_replace, saving = torch.save, os.replace, {}
 
 def dying_save(state, path, *args, **kwargs):
-    # SIGKILL while writing the step-6 checkpoint: a half-written temporary file is left.
-    if state.get("step") == 6:
+    saving["step"] = state.get("step")
+    if fault.get("at") in ("write", "hang") and state.get("step") == fault["step"]:
         with open(path, "wb") as f:
             f.write(b"half a checkpoint")
+        if fault["at"] == "hang":
+            time.sleep(600)
         os.kill(os.getpid(), signal.SIGKILL)
     real_save(state, path, *args, **kwargs)
 
-torch.save = dying_save
+def dying_replace(src, dst):
+    if fault.get("at") == "rename" and saving.get("step") == fault["step"] and str(dst).endswith("checkpoint.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+torch.save, os.replace = dying_save, dying_replace
 
 class Losses(TrainHook):
     def on_step_end(self, step, loss):
         with open(sys.argv[3], "a") as f:
             f.write(json.dumps(loss.item()) + "\\n")
 
+started = any(os.path.exists(os.path.join(sys.argv[2], f)) for f in ("checkpoint.pt", "checkpoint.prev.pt"))
 wbdit.train(wbdit.read_h5ad(sys.argv[1]), lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **json.loads(sys.argv[4])),
             label_key="cell_type", out_dir=sys.argv[2], progress=False, device="cpu", hook=Losses(),
-            **json.loads(sys.argv[5]))
+            resume=started, **json.loads(sys.argv[5]))
 """
+KILL_CONFIG = dict(epochs=2, batch_size=150, lr=1e-3, checkpoint_every=2, chunk_cells=200, window_chunks=2)
 
 
 class StepLosses(TrainHook):
@@ -221,38 +239,108 @@ class StepLosses(TrainHook):
         self.losses.append(loss.item())
 
 
-def test_killed_mid_epoch_resumes_without_losing_steps_or_corrupting_the_checkpoint(tmp_path, counts_file):
+def tiny_model(n, c):
+    return WhiteBoxDiT(n_genes=n, num_classes=c, **TINY)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, counts_file):
+    """The run the killed ones must end as: 2 epochs of 8 steps, never interrupted; its step losses."""
+    out, ref = tmp_path_factory.mktemp("uninterrupted") / "ref", StepLosses()
+    wbdit.train(counts_file[1], tiny_model, label_key="cell_type", out_dir=out, progress=False, device="cpu",
+                hook=ref, **KILL_CONFIG)
+    assert len(ref.losses) == 16
+    return out, ref.losses
+
+
+def kill_child(path, run_dir, losses, config, fault) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(path), str(run_dir), str(losses), json.dumps(TINY),
+                             json.dumps(config), json.dumps(fault)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=CHILD_ENV)
+
+
+def test_killed_mid_epoch_resumes_without_losing_steps_or_corrupting_the_checkpoint(tmp_path, counts_file,
+                                                                                      uninterrupted):
     """8 steps per epoch, checkpoints every 2: killed inside step 6's save, resumed at batch 4."""
     path, adata = counts_file
-    config = dict(epochs=2, batch_size=150, lr=1e-3, checkpoint_every=2, chunk_cells=200, window_chunks=2)
-
-    def model(n, c):
-        return WhiteBoxDiT(n_genes=n, num_classes=c, **TINY)
-
-    ref = StepLosses()
-    wbdit.train(adata, model, label_key="cell_type", out_dir=tmp_path / "ref", progress=False, device="cpu",
-                hook=ref, **config)
-    assert len(ref.losses) == 16
-
+    ref_dir, ref_losses = uninterrupted
     killed = tmp_path / "killed"
-    out = subprocess.run([sys.executable, "-c", KILL_CHILD, str(path), str(killed), str(tmp_path / "losses.jsonl"),
-                          json.dumps(TINY), json.dumps(config)], capture_output=True, text=True, timeout=300,
-                         env=CHILD_ENV, check=False)
-    assert out.returncode == -9, out.stderr[-3000:]
+    child = kill_child(path, killed, tmp_path / "losses.jsonl", KILL_CONFIG, {"step": 6, "at": "write"})
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == -9, err[-3000:]
     before = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(before, ref.losses[:6], rtol=1e-6)  # ran 6 steps, died saving the 6th
+    np.testing.assert_allclose(before, ref_losses[:6], rtol=1e-6)  # ran 6 steps, died saving the 6th
     ckpt = load_checkpoint(killed)  # the step-4 checkpoint, intact beside the half-written file
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 4, 4)
     assert any(p.name.startswith("checkpoint.tmp-") for p in killed.iterdir())
 
     resumed = StepLosses()
-    wbdit.train(adata, model, label_key="cell_type", out_dir=killed, progress=False, device="cpu", resume=True,
-                hook=resumed, **config)
-    np.testing.assert_allclose(resumed.losses, ref.losses[4:], rtol=1e-6)  # steps 5..16, none lost
-    a, b = load_checkpoint(tmp_path / "ref"), load_checkpoint(killed)
+    wbdit.train(adata, tiny_model, label_key="cell_type", out_dir=killed, progress=False, device="cpu", resume=True,
+                hook=resumed, **KILL_CONFIG)
+    np.testing.assert_allclose(resumed.losses, ref_losses[4:], rtol=1e-6)  # steps 5..16, none lost
+    a, b = load_checkpoint(ref_dir), load_checkpoint(killed)
     assert b["step"] == 16 and b["epoch"] == 2
     assert all(torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7) for k in a["model"])
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
-    ref_log = [json.loads(line) for line in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(line) for line in (ref_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [8, 16]
     np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in ref_log], rtol=1e-6)
+    assert not any(p.name.startswith("checkpoint.tmp-") for p in killed.iterdir())  # the resumed run cleaned up
+
+
+def test_killed_again_and_again_ends_with_the_uninterrupted_weights(tmp_path, counts_file, uninterrupted):
+    """SIGKILL five times, each time resumed by a new process, then run to the end.
+
+    A checkpoint every step, so that a random moment often falls inside a save. Three kills
+    strike a save at set points: writing the temporary file (step 3), between its two renames
+    (step 7: the newest checkpoint is gone, the previous one must be used), and writing it while
+    a second writer tries the same run directory (step 10: refused by the lock, naming the
+    child). Two more strike at random moments. The run then ends with the weights, EMA and log
+    of the run never interrupted.
+    """
+    path, adata = counts_file
+    ref_dir, _ = uninterrupted
+    run_dir, losses = tmp_path / "run", tmp_path / "losses.jsonl"
+    config = {**KILL_CONFIG, "checkpoint_every": 1}
+
+    def steps_run() -> int:
+        return len(losses.read_text().splitlines()) if losses.exists() else 0
+
+    for fault in ({"step": 3, "at": "write"}, {"step": 7, "at": "rename"}):
+        child = kill_child(path, run_dir, losses, config, fault)
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == -9, err[-3000:]
+    assert not (run_dir / CHECKPOINT).exists()
+    with pytest.warns(UserWarning, match=r"checkpoint.pt is missing.*previous checkpoint .* step 6\)"):
+        assert load_checkpoint(run_dir)["step"] == 6
+
+    child = kill_child(path, run_dir, losses, config, {"step": 10, "at": "hang"})
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("checkpoint.tmp-*.pt")) or load_checkpoint(run_dir)["step"] < 9:
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1][-3000:]
+        time.sleep(0.05)
+    with pytest.raises(RunLockedError, match=f"is being written by pid {child.pid} on"):
+        wbdit.train(adata, tiny_model, label_key="cell_type", out_dir=run_dir, resume=True, progress=False,
+                    device="cpu", **config)
+    child.kill()
+    child.communicate()
+
+    rng = random.Random(19)
+    for _ in range(2):
+        seen, child = steps_run(), kill_child(path, run_dir, losses, config, {})
+        while steps_run() == seen and child.poll() is None:  # it is training: kill it at a random moment
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        child.kill()
+        child.communicate()
+
+    child = kill_child(path, run_dir, losses, config, {})
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    a, b = load_checkpoint(ref_dir), load_checkpoint(run_dir)
+    assert (b["epoch"], b["step"]) == (2, 16)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    log, ref_log = read_log(run_dir), read_log(ref_dir)
+    assert [(r["epoch"], r["step"], r["loss"]) for r in log] == [(r["epoch"], r["step"], r["loss"]) for r in ref_log]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([CHECKPOINT, PREVIOUS, LOG])  # nothing half-written

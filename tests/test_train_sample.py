@@ -14,8 +14,8 @@ from wbdit.data import read_h5ad, write_h5ad
 from wbdit.preprocessing import Preprocessor
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import DiT, WhiteBoxDiT
-from wbdit.sampling import plan_cell_types, sample
-from wbdit.checkpoint import CHECKPOINT, LOG, load_checkpoint
+from wbdit.sampling import plan_labels, sample
+from wbdit.checkpoint import CHECKPOINT, LOG, PREVIOUS, load_checkpoint
 from wbdit.run import Run, TrainConfig
 from wbdit.trainer import learning_rate, train
 
@@ -74,7 +74,7 @@ def test_log_and_checkpoint_contents(run_dir):
     assert ckpt["model_config"] == dict(n_genes=25, num_classes=3, **TINY)
     assert ckpt["diffusion"] == dict(num_timesteps=100, schedule="linear", prediction="epsilon")
     assert ckpt["preprocessor"]["var_names"] == [f"gene_{i}" for i in range(25)]
-    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT, LOG]  # no temporaries left
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([CHECKPOINT, PREVIOUS, LOG])  # no temporaries, no lock
 
 
 def test_run_load_carries_ema_weights_in_eval_mode(run_dir):
@@ -225,8 +225,9 @@ def test_per_cell_type_counts_are_honoured(run):
 
 
 def test_unrequested_cells_follow_training_proportions():
-    pre = Preprocessor(var_names=["a"], input_kind="counts", categories=["x", "y"], class_counts=[900, 100])
-    labels = plan_cell_types(pre, 2000, None, seed=0)
+    pre = Preprocessor(var_names=["a"], input_kind="counts", label_keys=["t"], label_categories=[["x", "y"]],
+                       label_combinations=[[0], [1]], combination_counts=[900, 100])
+    labels = plan_labels(pre, 2000, seed=0)
     assert labels.shape == (2000,) and abs((labels == 0).mean() - 0.9) < 0.03
 
 

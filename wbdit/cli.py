@@ -6,13 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-from wbdit.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
+from wbdit.diffusion import GUIDANCES, PREDICTIONS, SAMPLERS, SCHEDULES
 from wbdit.distributed import default_device
 from wbdit.errors import MissingKeyError
 from wbdit.model import MODELS, PRESETS, build_model
-from wbdit.preprocessing import GENE_ORDERS, SCALINGS
-from wbdit.run import LR_SCHEDULES, TrainConfig
-from wbdit.trainer import DEFAULT_PREDICTION
+from wbdit.preprocessing import GENE_ORDERS, INPUT_KINDS, SCALINGS, label_candidates
+from wbdit.run import LR_SCHEDULES, Run, TrainConfig
+from wbdit.trainer import DEFAULT_PREDICTION, NONFINITE_PATIENCE
 
 
 SIZE_FLAGS = ("patch_size", "hidden_size", "depth", "num_heads")  # override the preset's model sizes
@@ -23,6 +23,31 @@ def _cell_type_count(text: str) -> tuple[str, int]:
     if not sep or not name or not count.isdigit():
         raise argparse.ArgumentTypeError(f"expected NAME=COUNT, got {text!r}")
     return name, int(count)
+
+
+def _condition(text: str) -> tuple[dict[str, str], int]:
+    """``COLUMN=VALUE[,COLUMN=VALUE...]:COUNT`` -> ({column: value}, count)."""
+    body, sep, count = text.rpartition(":")
+    values = {}
+    for pair in body.split(",") if sep else []:
+        key, eq, value = (part.strip() for part in pair.partition("="))
+        if not eq or not key or not value or key in values:
+            values = {}
+            break
+        values[key] = value
+    if not values or not count.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE[,COLUMN=VALUE...]:COUNT with each column once, "
+                                         f"got {text!r}")
+    return values, int(count)
+
+
+def _cfg_scale(text: str) -> tuple[str | None, float]:
+    """``SCALE`` (every label column) or ``COLUMN=SCALE`` -> (column or None, scale)."""
+    column, _, value = text.rpartition("=")
+    try:
+        return column.strip() or None, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SCALE or COLUMN=SCALE, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -44,15 +69,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     from wbdit.trainer import train
 
     adata = read_h5ad(args.data, backed=args.backed)
+    looks = {} if args.label_key else label_candidates(adata.obs)
+    if looks and os.environ.get("RANK", "0") == "0":
+        print("note: no --label-key, so the model is unconditional. obs columns that look like cell types: "
+              + ", ".join(f"{k!r} ({n} values)" for k, n in looks.items())
+              + f"; condition on one with --label-key {next(iter(looks))}", file=sys.stderr)
     size = _model_size(args)
 
-    def model(n_genes: int, num_classes: int | None):
+    def model(n_genes: int, num_classes: int | list[int] | None):
         return build_model(args.arch, n_genes=n_genes, num_classes=num_classes, fused=args.fused, **size)
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
                          lr_schedule=args.lr_schedule,
-                         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+                         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
+                         skip_nonfinite=args.skip_nonfinite)
     evaluator = None
     if args.eval_every:
         from wbdit.evaluation import during_training  # scikit-learn, POT: only when evaluating
@@ -64,18 +95,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = train(adata, model, label_key=args.label_key, out_dir=args.out, config=config,
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
                 layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, gene_order=args.gene_order,
+                input_kind=args.input_kind,
                 resume=args.resume, evaluate=evaluator, device=args.device)
     last = run.history[-1] if run.history else {}
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
-        print(f"trained {run.epoch} epochs -> {args.out} (loss {last.get('loss', float('nan')):.4f})")
+        loss = last.get("loss")  # None (null in log.jsonl) when every step of the epoch was skipped
+        print(f"trained {run.epoch} epochs -> {args.out} (loss {'n/a' if loss is None else f'{loss:.4f}'})")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from wbdit.data import write_h5ad
+    from wbdit.data import read_h5ad, write_h5ad
     from wbdit.sampling import sample
 
-    gen = sample(args.run, n_cells=args.n_cells, cell_types=dict(args.cell_type) if args.cell_type else None,
-                 sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale,
+    run = Run.load(args.run)
+    scales = args.cfg_scale or []
+    base = next((w for column, w in reversed(scales) if column is None), 1.0)  # the last bare SCALE
+    per_column = {column: w for column, w in scales if column is not None}
+    cfg_scale = {**dict.fromkeys(run.preprocessor.label_keys, base), **per_column} if per_column else base
+    gen = sample(run, n_cells=args.n_cells, cell_types=dict(args.cell_type) if args.cell_type else None,
+                 conditions=args.condition or (), like=read_h5ad(args.like) if args.like else None,
+                 allow_unseen=args.allow_unseen, guidance=args.guidance,
+                 sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=cfg_scale,
                  counts=args.counts, seed=args.seed, device=args.device, fused=args.fused or None)
     write_h5ad(gen, args.output)
     print(f"wrote {gen.n_obs} cells x {gen.n_vars} genes -> {args.output}")
@@ -165,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[_size_parent("small", "model size preset"), common])
     t.add_argument("data", help="input .h5ad (raw counts or log-normalized, dense or sparse)")
     t.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl)")
-    t.add_argument("--label-key", help="obs column with cell types (conditional model)")
+    t.add_argument("--label-key", action="append", metavar="COLUMN",
+                   help="obs column to condition on, e.g. cell types (repeatable: --label-key cell_type "
+                        "--label-key donor conditions on both, with guidance per column)")
     t.add_argument("--layer", help="use this layer instead of .X")
     t.add_argument("--n-top-genes", type=_positive_int, help="keep only this many highly variable genes")
     t.add_argument("--scaling", choices=SCALINGS, default="minmax", help="per-gene scaling")
@@ -187,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps; --resume continues inside the epoch (0: epoch ends only)")
     t.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
+    t.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip steps whose loss or gradient is NaN/inf and train on, counting them in log.jsonl "
+                   f"(e.g. bf16 overflow on a GPU); default: stop after {NONFINITE_PATIENCE} in a row")
+    t.add_argument("--input-kind", choices=tuple(INPUT_KINDS),
+                   help="what the values are: raw counts, log1p-normalized, or tpm-like (non-integer, not logged); "
+                   "default: read from the values (integers: counts; non-integer up to 20: log-normalized; above: "
+                   "tpm-like)")
     t.add_argument("--backed", action="store_true",
                    help="stream the .h5ad from disk in chunks instead of loading it (for files larger than memory)")
     t.add_argument("--fused", action="store_true", help="use the fused kernels")
@@ -195,13 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate cells from a trained run", parents=[common])
     s.add_argument("run", help="run directory written by 'wbdit train'")
     s.add_argument("-o", "--output", required=True, help="output .h5ad")
-    s.add_argument("--n-cells", type=_positive_int, default=1000)
+    s.add_argument("--n-cells", type=_positive_int,
+                   help="cells to generate (default: the requested total, or 1000 without requests)")
     s.add_argument("--cell-type", type=_cell_type_count, action="append", metavar="NAME=COUNT",
                    help="cells of a given type (repeatable); the rest follow training proportions")
+    s.add_argument("--condition", type=_condition, action="append", metavar="COLUMN=VALUE[,...]:COUNT",
+                   help="COUNT cells with these label values, e.g. 'cell_type=CD19+ B,donor=d3:500' "
+                        "(repeatable); label columns not named follow their training frequencies given the named")
+    s.add_argument("--like", metavar="TEMPLATE.h5ad",
+                   help="a synthetic twin: one cell per template cell with its label values, the template's obs "
+                        "copied, obs_names '<template cell>-twin'")
+    s.add_argument("--allow-unseen", action="store_true",
+                   help="generate label combinations that never occur in the training data")
     s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
-    s.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    s.add_argument("--cfg-scale", type=_cfg_scale, action="append", metavar="[COLUMN=]SCALE",
+                   help="classifier-free guidance scale for every label column (default 1.0), or for one "
+                        "column, e.g. --cfg-scale 1.5 --cfg-scale donor=1.0 (repeatable)")
+    s.add_argument("--guidance", choices=GUIDANCES, default="joint",
+                   help="guidance over several label columns: joint (u + w (c - u) with equal scales) or "
+                        "compositional (CFGen: u + sum_k w_k (c_k - u)); one column: both the same")
     s.add_argument("--counts", action="store_true", help="write integer counts (log values in a layer)")
     s.add_argument("--fused", action="store_true", help="use the fused kernels")
     s.set_defaults(func=cmd_sample)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from wbdit.atomic import atomic_path
-from wbdit.errors import MissingKeyError
+from wbdit.errors import InputError, MissingKeyError
 from wbdit.extras import require
 
 ad = require("anndata", "reading and writing .h5ad files")
@@ -15,7 +15,12 @@ sp = require("scipy.sparse", "sparse expression matrices")
 
 
 def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
-    """Read an AnnData file with errors that name the file and the problem."""
+    """Read an AnnData file with errors that name the file and the problem.
+
+    Not HDF5, HDF5 that HDF5 cannot open (a file cut short: its header records the full size),
+    HDF5 without AnnData's ``obs`` and ``var``, or AnnData that anndata cannot read: each is an
+    ``InputError`` naming the file.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -24,11 +29,18 @@ def read_h5ad(path: str | os.PathLike, backed: bool = False) -> ad.AnnData:
     with open(path, "rb") as f:
         magic = f.read(8)
     if magic != b"\x89HDF\r\n\x1a\n":
-        raise ValueError(f"{path}: not an .h5ad (HDF5) file")
+        raise InputError(f"{path}: not an .h5ad (HDF5) file")
+    try:
+        with h5py.File(path, "r") as f:
+            entries = sorted(f.keys())
+    except OSError as exc:
+        raise InputError(f"{path}: truncated or damaged, HDF5 cannot open it ({exc})") from None
+    if not {"obs", "var"} <= set(entries):
+        raise InputError(f"{path}: an HDF5 file but not AnnData (it holds {entries[:8]}; an .h5ad has X, obs and var)")
     try:
         return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:
-        raise ValueError(f"{path}: could not be read as AnnData: {exc}") from exc
+        raise InputError(f"{path}: could not be read as AnnData: {exc}") from exc
 
 
 def get_matrix(adata: ad.AnnData, layer: str | None = None):

@@ -38,14 +38,18 @@ def synthetic(
     n_types: int = 3,
     markers_per_type: int = 10,
     seed: int = 0,
+    n_batches: int = 1,
 ) -> ad.AnnData:
     """Negative-binomial counts with cell types, each with its own disjoint marker genes.
 
     Gene base means are log-normal; type t's markers (genes ``t*m .. t*m + m - 1``) are
     expressed 20x higher in type t and silenced (1/50) elsewhere; library sizes are
     log-normal; dispersion 0.2 (variance = mu + 0.2 mu^2). Returns sparse CSR counts.
+    ``n_batches`` > 1 adds a second attribute, ``obs["batch"]`` drawn independently of the
+    type: batch b's markers are the m genes after the types' (from ``n_types*m + b*m``),
+    20x up in batch b and 1/50 elsewhere.
     """
-    obs, var, chunks = _simulate(n_cells, n_genes, n_types, markers_per_type, seed)
+    obs, var, chunks = _simulate(n_cells, n_genes, n_types, markers_per_type, seed, n_batches)
     return ad.AnnData(sp.vstack(list(chunks)).tocsr(), obs=obs, var=var)
 
 
@@ -74,14 +78,18 @@ def write_synthetic_h5ad(
 
 
 def _simulate(
-    n_cells: int, n_genes: int, n_types: int, markers_per_type: int, seed: int
+    n_cells: int, n_genes: int, n_types: int, markers_per_type: int, seed: int, n_batches: int = 1
 ) -> tuple[pd.DataFrame, pd.DataFrame, Iterator[sp.csr_matrix]]:
-    """obs (with ``cell_type``), var, and the counts as float32 CSR chunks of SIM_CHUNK cells."""
-    if n_types * markers_per_type > n_genes:
-        raise ValueError(f"{n_types} types x {markers_per_type} markers exceed {n_genes} genes")
+    """obs (with ``cell_type``, and ``batch`` if n_batches > 1), var, and the counts as float32
+    CSR chunks of SIM_CHUNK cells."""
+    groups = n_types + (n_batches if n_batches > 1 else 0)
+    if groups * markers_per_type > n_genes:
+        raise ValueError(f"{groups} types and batches x {markers_per_type} markers exceed {n_genes} genes")
     rng = np.random.default_rng(seed)
     base = rng.lognormal(mean=-1.0, sigma=1.5, size=n_genes)
     types = rng.integers(0, n_types, size=n_cells)
+    # Drawn only with batches: a one-batch simulation keeps the random stream of every earlier version.
+    batches = rng.integers(0, n_batches, size=n_cells) if n_batches > 1 else None
 
     def chunks() -> Iterator[sp.csr_matrix]:
         for start in range(0, n_cells, SIM_CHUNK):  # chunks bound the dense working set
@@ -90,6 +98,9 @@ def _simulate(
             for k in range(n_types):
                 genes = slice(k * markers_per_type, (k + 1) * markers_per_type)
                 mu[:, genes] *= np.where(t == k, 20.0, 1 / 50)[:, None]
+            for k in range(n_batches if batches is not None else 0):
+                genes = slice((n_types + k) * markers_per_type, (n_types + k + 1) * markers_per_type)
+                mu[:, genes] *= np.where(batches[start : start + SIM_CHUNK] == k, 20.0, 1 / 50)[:, None]
             mu *= rng.lognormal(0.0, 0.3, size=(len(t), 1)) / base.sum() * 2000
             r = 1 / 0.2
             lam = rng.gamma(shape=r, scale=mu / r)
@@ -100,5 +111,7 @@ def _simulate(
         {"cell_type": pd.Categorical.from_codes(types, categories=names)},
         index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
     )
+    if batches is not None:
+        obs["batch"] = pd.Categorical.from_codes(batches, categories=[f"batch_{k}" for k in range(n_batches)])
     var = pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)])
     return obs, var, chunks()

@@ -14,3 +14,8 @@ class MissingKeyError(InputError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
         return str(self.args[0]) if self.args else ""
+
+
+class DivergedError(InputError):
+    """Training produced non-finite losses or gradients (a learning rate too high, or the data);
+    the message names the steps and the checkpoint that was kept."""

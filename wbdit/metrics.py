@@ -134,6 +134,28 @@ def gene_metrics(x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
     )
 
 
+def gene_correlations(x: np.ndarray) -> np.ndarray:
+    """Pearson correlation matrix (genes x genes) of the columns of x (cells x genes); a constant gene correlates 0."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(axis=0, ddof=1)
+    z = np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 0)
+    return z.T @ z / (len(x) - 1)
+
+
+def correlation_distance(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Gene-gene correlation structure: mean over gene pairs i < j of |r_x(i, j) - r_y(i, j)|.
+
+    x, y: cells x genes in one gene space (the evaluator passes log-normalized values of
+    its top highly variable genes); r: Pearson correlation over each side's cells
+    (``gene_correlations``). 0 when the two sides correlate genes identically, up to 2;
+    None with fewer than 2 genes or 3 cells on a side.
+    """
+    if x.shape[1] < 2 or min(len(x), len(y)) < 3:
+        return None
+    upper = np.triu_indices(x.shape[1], k=1)
+    return float(np.abs(gene_correlations(x)[upper] - gene_correlations(y)[upper]).mean())
+
+
 def label_transfer(x_train: np.ndarray, labels_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     """Cell types predicted for x_test by a 5-nearest-neighbour classifier fit on (x_train, labels_train)."""
     model = KNeighborsClassifier(n_neighbors=min(LABEL_NEIGHBORS, len(x_train)))

@@ -141,8 +141,14 @@ class GeneDiT(nn.Module):
 
     Subclasses define ``_mixer_and_ffn(hidden_size, num_heads)``, the block's two branches.
 
-    forward(x (B, n_genes), t (B,), y (B,) or None) -> prediction (B, n_genes).
-    Labels use ``num_classes`` as the null class (classifier-free guidance).
+    forward(x (B, n_genes), t (B,), y (B,) or (B, K) or None) -> prediction (B, n_genes).
+
+    ``num_classes``: None (unconditional), an int (one label column: the table
+    Embedding(num_classes + 1, H), row ``num_classes`` the null class), or a list of K ints (K
+    label columns, e.g. cell type and donor: one table Embedding(n_k + 1, H) per column, each
+    with its own null class n_k). The label embeddings are summed into the conditioning, and
+    any column can be set to its null class on its own (``drop_labels``): classifier-free
+    guidance per attribute.
     """
 
     freq_dim = 256
@@ -154,7 +160,7 @@ class GeneDiT(nn.Module):
         hidden_size: int = 768,
         depth: int = 3,
         num_heads: int = 8,
-        num_classes: int | None = None,
+        num_classes: int | list[int] | None = None,
         fused: bool = False,
     ):
         super().__init__()
@@ -162,6 +168,10 @@ class GeneDiT(nn.Module):
             raise ValueError(f"n_genes, patch_size and depth must be >= 1, got {n_genes}, {patch_size}, {depth}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
+        if isinstance(num_classes, (list, tuple)):
+            num_classes = [int(n) for n in num_classes]
+            if not num_classes or min(num_classes) < 1:
+                raise ValueError(f"num_classes must list >= 1 classes per label column, got {num_classes}")
         self.config = dict(
             n_genes=n_genes, patch_size=patch_size, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, num_classes=num_classes,
@@ -173,7 +183,13 @@ class GeneDiT(nn.Module):
         self.t_embedder = nn.Sequential(
             nn.Linear(self.freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
-        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
+        # Classes per label column. One int keeps its single table (state_dict key y_embedder.weight,
+        # as every run before several columns existed); a list gets one table per column.
+        self.label_sizes = list(num_classes) if isinstance(num_classes, list) else [num_classes] if num_classes else []
+        if isinstance(num_classes, list):
+            self.y_embedder = nn.ModuleList(nn.Embedding(n + 1, hidden_size) for n in num_classes)
+        else:
+            self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
         self.blocks = nn.ModuleList(
             Block(hidden_size, *self._mixer_and_ffn(hidden_size, num_heads)) for _ in range(depth)
         )
@@ -190,14 +206,37 @@ class GeneDiT(nn.Module):
         # Linear(p, H) has the fans of DiT's Conv1d(1, H, p) flattened: same xavier bound.
         nn.init.normal_(self.t_embedder[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for table in self._label_tables():
+            nn.init.normal_(table.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def _label_tables(self) -> list[nn.Embedding]:
+        """One embedding table per label column (none for an unconditional model)."""
+        if self.y_embedder is None:
+            return []
+        return list(self.y_embedder) if isinstance(self.y_embedder, nn.ModuleList) else [self.y_embedder]
+
+    def drop_labels(self, y: Tensor, drop: Tensor) -> Tensor:
+        """``y`` (B,) or (B, K) with the entries where ``drop`` (bool, broadcast to y's shape) is
+        True set to their column's null class (column k's is ``num_classes[k]``)."""
+        null = torch.tensor(self.label_sizes, dtype=y.dtype, device=y.device)
+        return torch.where(drop, null, y)
+
+    def embed_labels(self, y: Tensor) -> Tensor:
+        """Sum of the label columns' embeddings (B, H) for y (B,) or (B, K) class indices."""
+        cols = y.reshape(len(y), -1)
+        if cols.shape[1] != len(self.label_sizes):
+            raise ValueError(f"expected labels for {len(self.label_sizes)} label columns (num_classes="
+                             f"{self.num_classes}), got y of shape {tuple(y.shape)}")
+        tables = self._label_tables()
+        if len(tables) == 1:
+            return tables[0](cols[:, 0])
+        return torch.stack([table(cols[:, k]) for k, table in enumerate(tables)]).sum(0)
 
     @property
     def fused(self) -> bool:
@@ -221,7 +260,7 @@ class GeneDiT(nn.Module):
             t_freq = ops.timestep_embedding(t, self.freq_dim, 10000.0, fused=self.fused)
             c = self.t_embedder(t_freq.to(h.dtype))
             if self.y_embedder is not None:
-                c = c + self.y_embedder(y)
+                c = c + self.embed_labels(y)
         for i, block in enumerate(self.blocks):
             with nvtx_range(f"block {i}"):
                 h = block(h, c)

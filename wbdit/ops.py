@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from wbdit import fastpaths, reference
+from wbdit import fastpaths, reference, tuning
 
 STRICT_ENV = "WBDIT_STRICT_FUSED"
 
@@ -120,8 +120,12 @@ def _dispatch(op: str, fused: bool, *args) -> Tensor:
 
 
 def report() -> dict[str, str]:
-    """Which implementation each op ran last, e.g. ``{"mssa": "triton", "ista": "cpu-1gemm"}``."""
-    return dict(_LAST)
+    """Which implementation each op ran last, e.g. ``{"mssa": "triton", "ista": "cpu-1gemm"}``; once a
+    Triton kernel ran, ``"tuning"`` says whether its launches used measured winners (``wbdit.tuning``)."""
+    out = dict(_LAST)
+    if "triton" in out.values():
+        out["tuning"] = tuning.describe()
+    return out
 
 
 def available() -> dict[str, list[str]]:

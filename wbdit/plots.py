@@ -27,7 +27,12 @@ CURVE_METRICS = {  # headline metric -> (axis label, reference line or None)
     "spearman_var": ("Spearman of gene variances (1 ideal)", 1.0),
     "zero_frac_mad": ("mean |zero-fraction difference| (0 ideal)", 0.0),
     "label_accuracy": ("cell-type accuracy of generated cells", None),
+    "marker_recall": ("recall of the real top marker genes", None),
+    "gene_corr_mad": ("mean |gene-gene correlation difference|", 0.0),
+    "utility_f1": ("rare-type F1 with generated cells added", None),
 }
+# x axes of the training curves: log.jsonl key -> axis label; "train_time_s" is the running sum of epoch_time_s
+CURVE_AXES = {"epoch": "epoch", "step": "optimizer steps", "train_time_s": "training time (s, evaluation excluded)"}
 
 
 def _save(fig: Figure, path: str) -> str:
@@ -163,41 +168,53 @@ def _read_log(path: str) -> list[dict]:
     return records
 
 
-def plot_training_curves(run_dir: str | os.PathLike) -> list[str]:
-    """Draw ``run_dir/log.jsonl`` against epoch; return the PNG paths written into ``run_dir``.
+def _with_time(records: list[dict]) -> list[dict]:
+    """The records (one per epoch, in order) with ``train_time_s``: the running sum of ``epoch_time_s``."""
+    total, out = 0.0, []
+    for r in records:
+        total += r.get("epoch_time_s", np.nan)
+        out.append({**r, "train_time_s": total})
+    return out
 
-    ``training_loss.png``: loss and throughput (cells/s) per epoch. ``training_metrics.png``
-    (only when some epochs carry an ``"eval"`` headline dict, from ``--eval-every``): one
-    panel per headline metric, with its ideal value as a dashed line where it has one.
-    A resumed run may log an epoch twice: the last record of each epoch wins.
+
+def plot_training_curves(run_dir: str | os.PathLike) -> list[str]:
+    """Draw ``run_dir/log.jsonl`` against epoch, optimizer steps and training time; return the PNG paths.
+
+    ``training_loss.png``: loss against each x axis (``CURVE_AXES``: epoch, ``step``, and the
+    running sum of ``epoch_time_s``, i.e. training wall-clock time without evaluation and
+    checkpointing) and throughput (cells/s) per epoch. ``training_metrics.png`` (only when
+    some epochs carry an ``"eval"`` headline dict, from ``--eval-every``): one row per
+    headline metric, one column per x axis, with the metric's ideal value as a dashed line
+    where it has one. A resumed run may log an epoch twice: the last record of each epoch wins.
     """
     run_dir = os.fspath(run_dir)
     by_epoch = {r["epoch"]: r for r in _read_log(os.path.join(run_dir, "log.jsonl"))}
-    epochs = sorted(by_epoch)
-    records = [by_epoch[e] for e in epochs]
-    fig = Figure(figsize=(11, 4.5))
-    ax = fig.add_subplot(1, 2, 1)
-    ax.plot(epochs, [r["loss"] for r in records], marker="o" if len(epochs) < 30 else None, color=REAL_COLOR)
-    ax.set(xlabel="epoch", ylabel="training loss (mean per cell)", title="loss")
-    ax = fig.add_subplot(1, 2, 2)
-    ax.plot(epochs, [r.get("cells_per_s", np.nan) for r in records], color=GENERATED_COLOR)
+    records = _with_time([by_epoch[e] for e in sorted(by_epoch)])
+    axes = [k for k in CURVE_AXES if all(r.get(k) is not None for r in records)]
+    marker = "o" if len(records) < 30 else None
+    fig = Figure(figsize=(4.5 * (len(axes) + 1), 4.2))
+    for i, key in enumerate(axes):
+        ax = fig.add_subplot(1, len(axes) + 1, i + 1)
+        ax.plot([r[key] for r in records], [r["loss"] for r in records], marker=marker, color=REAL_COLOR)
+        ax.set(xlabel=CURVE_AXES[key], ylabel="training loss (mean per cell)", title=f"loss by {CURVE_AXES[key]}")
+    ax = fig.add_subplot(1, len(axes) + 1, len(axes) + 1)
+    ax.plot([r["epoch"] for r in records], [r.get("cells_per_s", np.nan) for r in records], color=GENERATED_COLOR)
     ax.set(xlabel="epoch", ylabel="cells / s", title="throughput")
     paths = [_save(fig, os.path.join(run_dir, "training_loss.png"))]
 
-    evals = [(e, by_epoch[e]["eval"]) for e in epochs if by_epoch[e].get("eval")]
-    shown = [k for k in CURVE_METRICS if any(ev.get(k) is not None for _, ev in evals)]
+    evals = [r for r in records if r.get("eval")]
+    shown = [k for k in CURVE_METRICS if any(r["eval"].get(k) is not None for r in evals)]
     if shown:
-        cols = min(3, len(shown))
-        rows = -(-len(shown) // cols)
-        fig = Figure(figsize=(5 * cols, 3.8 * rows))
-        for k, key in enumerate(shown):
-            ax = fig.add_subplot(rows, cols, k + 1)
-            xs = [e for e, ev in evals if ev.get(key) is not None]
-            ax.plot(xs, [ev[key] for _, ev in evals if ev.get(key) is not None], marker="o", color=REAL_COLOR)
+        fig = Figure(figsize=(4.5 * len(axes), 3.4 * len(shown)))
+        for row, key in enumerate(shown):
             label, ideal = CURVE_METRICS[key]
-            if ideal is not None:
-                ax.axhline(ideal, color="black", lw=1, ls="--", label="ideal")
-                ax.legend(loc="best")
-            ax.set(xlabel="epoch", ylabel=key, title=label)
+            points = [r for r in evals if r["eval"].get(key) is not None]
+            for col, x in enumerate(axes):
+                ax = fig.add_subplot(len(shown), len(axes), row * len(axes) + col + 1)
+                ax.plot([r[x] for r in points], [r["eval"][key] for r in points], marker="o", color=REAL_COLOR)
+                if ideal is not None:
+                    ax.axhline(ideal, color="black", lw=1, ls="--", label="ideal")
+                    ax.legend(loc="best")
+                ax.set(xlabel=CURVE_AXES[x], ylabel=key, title=label)
         paths.append(_save(fig, os.path.join(run_dir, "training_metrics.png")))
     return paths

@@ -1,6 +1,6 @@
 """The field's preprocessing, one pipeline for cells in memory and cells streamed from a file.
 
-counts -> normalize_total(1e4) + log1p -> optional highly-variable genes (Seurat rule) ->
+counts (or TPM-like values) -> normalize_total(1e4) + log1p -> optional highly-variable genes (Seurat rule) ->
 per-gene scaling into the space the diffusion runs in -> optional gene order (correlated
 genes in one patch). Every choice is stored in ``Preprocessor`` and saved with the checkpoint;
 ``Preprocessor.inverse`` maps model samples back to log-normalized values on the training genes.
@@ -13,10 +13,17 @@ type the log library sizes. Cells in memory are one chunk; a backed AnnData is r
 cells, and both give the same preprocessor. Highly variable genes follow scanpy's
 ``highly_variable_genes(flavor="seurat")`` on these streamed moments (``seurat_dispersions``),
 with an exact cut at n (``top_genes``).
+
+What the input holds is told from its values (``kind_of_values``; ``INPUT_KINDS`` says what is
+done with each): integers are raw counts; non-integer values up to ``LOG_MAX`` are log1p-
+normalized and used as they are; non-integer values above are un-logged (TPM, CPM, RSEM
+expected counts) and are normalized and logged like counts, but have no count library.
 """
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -25,7 +32,7 @@ from torch import Tensor
 
 from wbdit.batches import CHUNK_CELLS
 from wbdit.data import ad, get_matrix, matrix_rows, sp
-from wbdit.errors import MissingKeyError
+from wbdit.errors import InputError, MissingKeyError
 from wbdit.extras import require
 
 pd = require("pandas", "preprocessing")
@@ -38,6 +45,16 @@ ORDER_CELLS, ORDER_BLOCK = 20000, 1000  # the clustering reads at most this many
 OPTIMAL_LEAF_GENES = 1000  # optimal leaf ordering is cubic in genes: above this, plain dendrogram order
 CLUSTER_MAX_GENES = 8000  # the clustering holds g x g float64 (0.5 GiB at 8000): above, genes keep their order
 HVG_BINS = 20
+# log1p(normalize_total(x, s)) <= log1p(s): 9.2 for the usual s = 1e4, 13.8 for s = 1e6 (log CPM);
+# no normalization reaches 20 (s = 4.9e8). Un-logged TPM/CPM lie far above: in a cell whose
+# values sum to T over G genes the largest is at least T / G (50 for T = 1e6, G = 20,000).
+LOG_MAX = 20.0
+INPUT_KINDS = {  # what each kind of input gets
+    "counts": "raw counts (integers): normalize_total(1e4) + log1p",
+    "log-normalized": f"log1p-normalized values (non-integer, at most {LOG_MAX:g}): used as they are",
+    "tpm-like": f"non-integer values above {LOG_MAX:g}, not logged (TPM, CPM, RSEM expected counts): "
+                "normalize_total(1e4) + log1p, no count library (no --counts output)",
+}
 
 
 def _values(X) -> np.ndarray:
@@ -45,8 +62,20 @@ def _values(X) -> np.ndarray:
     return X.data if sp.issparse(X) else np.asarray(X).ravel()
 
 
+def kind_of_values(integer: bool, max_value: float) -> str:
+    """The kind (a key of ``INPUT_KINDS``) of values that are all integers or not, with this maximum."""
+    if integer:
+        return "counts"
+    return "log-normalized" if max_value <= LOG_MAX else "tpm-like"
+
+
 def validate_expression(X, what: str = ".X") -> str:
-    """Check for NaN/inf/negatives and say whether X holds "counts" or "log-normalized" values."""
+    """Check for NaN/inf/negatives and say which of ``INPUT_KINDS`` X holds (``kind_of_values``)."""
+    return kind_of_values(*_check_values(X, what))
+
+
+def _check_values(X, what: str) -> tuple[bool, float]:
+    """Raise on no cells, no genes, NaN/inf or negative values; else (all values integer, max value)."""
     if X.shape[0] == 0:
         raise ValueError(f"{what} has zero cells")
     if X.shape[1] == 0:
@@ -60,11 +89,13 @@ def validate_expression(X, what: str = ".X") -> str:
             f"{what} contains negative values (min {v.min():.3g}); wbdit expects raw counts or "
             "log1p-normalized expression, not scaled or centred data"
         )
-    return "counts" if np.array_equal(v, np.round(v)) else "log-normalized"
+    return bool(np.array_equal(v, np.round(v))), float(v.max()) if v.size else 0.0
 
 
 def log_normalize(X, kind: str) -> tuple[sp.csr_matrix, np.ndarray]:
-    """log1p(normalize_total(1e4)) as float32 CSR, and library sizes (counts input; else NaN)."""
+    """log1p(normalize_total(1e4)) as float32 CSR, and the row sums before it (log-normalized input: NaN)."""
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"unknown input kind {kind!r}; choose from {tuple(INPUT_KINDS)}")
     X = sp.csr_matrix(X, dtype=np.float32)
     if kind == "log-normalized":
         return X, np.full(X.shape[0], np.nan, dtype=np.float32)
@@ -84,6 +115,12 @@ class Preprocessor:
     ``bounds()`` is the valid range of z (x in [0, max observed]). Real log-normalized
     values never fall in (0, smallest non-zero value): ``inverse`` maps model outputs below
     ``zero_threshold`` (half that gap) to exact zeros.
+
+    Labels: the model is conditioned on the obs columns ``label_keys`` (none: unconditional),
+    the first one primary (cell type: per-type library sizes, ``categories``, ``class_counts``).
+    Column k's value ``label_categories[k][code]`` is class ``code`` of the model's table k;
+    ``label_combinations`` lists every combination of codes seen in training (one code per
+    column, sorted) with its number of cells in ``combination_counts``.
     """
 
     var_names: list[str]
@@ -91,9 +128,10 @@ class Preprocessor:
     scaling: str = "minmax"
     layer: str | None = None
     n_top_genes: int | None = None
-    label_key: str | None = None
-    categories: list[str] = field(default_factory=list)
-    class_counts: list[int] = field(default_factory=list)
+    label_keys: list[str] = field(default_factory=list)
+    label_categories: list[list[str]] = field(default_factory=list)
+    label_combinations: list[list[int]] = field(default_factory=list)
+    combination_counts: list[int] = field(default_factory=list)
     center: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
     x_max: list[float] = field(default_factory=list)
@@ -105,39 +143,55 @@ class Preprocessor:
     def fit(
         cls,
         adata: ad.AnnData,
-        label_key: str | None = None,
+        label_key: str | Sequence[str] | None = None,
         layer: str | None = None,
         n_top_genes: int | None = None,
         scaling: str = "minmax",
         gene_order: str = "input",
         chunk_cells: int = CHUNK_CELLS,
+        input_kind: str | None = None,
     ) -> tuple["Preprocessor", "sp.csr_matrix | LogRows", np.ndarray | None]:
         """Fit on ``adata``; return the preprocessor, its log-normalized cells x kept genes and the labels.
 
         The cells come back as float32 CSR for an AnnData in memory, as ``LogRows`` (read on
-        demand) for one opened with ``backed=True``; labels are (n_cells,) int64 or None.
+        demand) for one opened with ``backed=True``. ``label_key`` names one obs column or
+        several; labels are (n_cells,) int64 for one, (n_cells, K) for K columns, or None.
         ``gene_order="cluster"`` sets ``order`` (``cluster_gene_order``) up to
         ``CLUSTER_MAX_GENES`` genes, and warns and keeps the file's order above.
+        ``input_kind`` (a key of ``INPUT_KINDS``) overrides the kind read from the values; values
+        that kind cannot hold (non-integer counts, log values above ``LOG_MAX``) are refused.
         """
         if scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
         if gene_order not in GENE_ORDERS:
             raise ValueError(f"unknown gene_order {gene_order!r}; choose from {GENE_ORDERS}")
+        if input_kind is not None and input_kind not in INPUT_KINDS:
+            raise ValueError(f"unknown input_kind {input_kind!r}; choose from {tuple(INPUT_KINDS)}")
+        if not adata.var_names.is_unique:  # genes are matched by name when sampling and evaluating
+            repeated = adata.var_names[adata.var_names.duplicated()].unique()
+            raise InputError(f"var_names has {len(repeated)} repeated gene names (e.g. {list(repeated[:3])}); make "
+                             "them unique first (adata.var_names_make_unique())")
         what = f".layers[{layer!r}]" if layer else ".X"
         matrix = matrix_rows(adata, layer)
         n, g = matrix.shape
         if n == 0:
             validate_expression(sp.csr_matrix((0, g)), what)  # raises "has zero cells"
         chunk = chunk_cells if adata.isbacked else n  # in memory: the whole matrix is one chunk
-        labels, categories = encode_labels(adata, label_key)
-        groups = labels if labels is not None else np.zeros(n, np.int64)
+        keys = as_label_keys(label_key)
+        encoded = [encode_labels(adata, key) for key in keys]
+        codes = np.stack([c for c, _ in encoded], axis=1) if keys else np.zeros((n, 0), np.int64)  # (n, K)
+        combos, combo_counts = np.unique(codes, axis=0, return_counts=True) if keys else (codes[:0], np.zeros(0))
+        categories = encoded[0][1] if keys else []
+        groups = codes[:, 0] if keys else np.zeros(n, np.int64)
         n_groups = max(len(categories), 1)
         hvg = n_top_genes is not None and n_top_genes < g
-        # Integer values mean counts. A non-integer value makes the input log-normalized: the pass
-        # starts again reading it so (re-reading only chunks already seen, usually none).
-        kind, stats = "counts", _moments(matrix, "counts", groups, n_groups, hvg, chunk, what)
-        if stats is None:
-            kind, stats = "log-normalized", _moments(matrix, "log-normalized", groups, n_groups, hvg, chunk, what)
+        # The pass reads the values as counts until one shows a later kind (a non-integer value, one
+        # above LOG_MAX), then starts again reading them so (re-reading only chunks already seen).
+        kind = input_kind or "counts"
+        stats = _moments(matrix, kind, groups, n_groups, hvg, chunk, what, forced=input_kind is not None)
+        while isinstance(stats, str):
+            kind = stats
+            stats = _moments(matrix, kind, groups, n_groups, hvg, chunk, what)
         m, log_lib = stats
         keep = np.arange(g)
         if hvg:
@@ -156,8 +210,8 @@ class Preprocessor:
         genes = np.asarray(adata.var_names.astype(str))[keep]
         pre = cls(
             var_names=[str(x) for x in genes], input_kind=kind, scaling=scaling, layer=layer,
-            n_top_genes=n_top_genes, label_key=label_key, categories=categories,
-            class_counts=[] if labels is None else np.bincount(labels, minlength=len(categories)).tolist(),
+            n_top_genes=n_top_genes, label_keys=keys, label_categories=[c for _, c in encoded],
+            label_combinations=combos.tolist(), combination_counts=combo_counts.tolist(),
             center=np.asarray(center).tolist(), scale=np.asarray(scale).tolist(), x_max=m.x_max[keep].tolist(),
             zero_threshold=0.5 * float(min_pos) if np.isfinite(min_pos) else 0.0, log_library=log_library,
         )
@@ -169,7 +223,7 @@ class Preprocessor:
                           stacklevel=2)
         elif gene_order == "cluster":
             pre.order = cluster_gene_order(logx)
-        return pre, logx, labels
+        return pre, logx, (None if not keys else codes[:, 0] if len(keys) == 1 else codes)
 
     @property
     def n_genes(self) -> int:
@@ -180,7 +234,39 @@ class Preprocessor:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessor":
-        return cls(**{**d, "log_library": {k: tuple(v) for k, v in d["log_library"].items()}})
+        """Inverse of ``to_dict``; also reads the one-label layout of earlier runs (``label_key``,
+        ``categories``, ``class_counts``)."""
+        d = {**d, "log_library": {k: tuple(v) for k, v in d["log_library"].items()}}
+        if "label_key" in d:
+            key, categories, counts = d.pop("label_key"), d.pop("categories"), d.pop("class_counts")
+            d.update(label_keys=[key] if key else [], label_categories=[categories] if key else [],
+                     label_combinations=[[k] for k in range(len(counts))], combination_counts=counts)
+        return cls(**d)
+
+    @property
+    def label_key(self) -> str | None:
+        """The primary label column (None: unconditional)."""
+        return self.label_keys[0] if self.label_keys else None
+
+    @property
+    def categories(self) -> list[str]:
+        """The primary label column's values, by class index."""
+        return self.label_categories[0] if self.label_keys else []
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training cells per value of the primary label column."""
+        if not self.label_keys:
+            return []
+        combos = np.asarray(self.label_combinations, np.int64).reshape(-1, len(self.label_keys))
+        return np.bincount(combos[:, 0], weights=self.combination_counts, minlength=len(self.categories)).astype(
+            np.int64).tolist()
+
+    @property
+    def num_classes(self) -> int | list[int] | None:
+        """The model's ``num_classes`` for these labels: an int for one column, a list for several."""
+        sizes = [len(c) for c in self.label_categories]
+        return None if not sizes else sizes[0] if len(sizes) == 1 else sizes
 
     def _vec(self, name: str, like: Tensor) -> Tensor:
         return torch.tensor(getattr(self, name), dtype=like.dtype, device=like.device)
@@ -203,10 +289,40 @@ class Preprocessor:
         lo = self.transform(torch.zeros(self.n_genes, device=device))
         return lo, self.transform(self._vec("x_max", like))
 
-    def label_index(self, cell_type: str) -> int:
-        if cell_type not in self.categories:
-            raise ValueError(f"unknown cell type {cell_type!r}; the model knows {self.categories}")
-        return self.categories.index(cell_type)
+    def label_index(self, value: str, key: str | None = None) -> int:
+        """Class index of ``value`` in label column ``key`` (default: the primary one)."""
+        key = self.label_key if key is None else key
+        if key not in self.label_keys:
+            raise MissingKeyError(f"the run was not trained on label column {key!r}; its label columns: "
+                                  f"{self.label_keys}")
+        categories = self.label_categories[self.label_keys.index(key)]
+        if value not in categories:
+            what = "cell type" if len(self.label_keys) == 1 else f"value of label column {key!r}"
+            raise InputError(f"unknown {what} {value!r}; the model knows {categories}")
+        return categories.index(value)
+
+    def encode(self, obs: pd.DataFrame, what: str = "obs") -> np.ndarray:
+        """Class indices (n, K) of the values in ``obs``'s label columns, the run's categories.
+
+        Raises, naming the column (and value), for a label column missing from ``obs``, a
+        missing (NaN) label, or a value the run was not trained on.
+        """
+        missing = [k for k in self.label_keys if k not in obs.columns]
+        if missing:
+            raise MissingKeyError(f"{what} has no column {missing[0]!r}; the run is conditioned on "
+                                  f"{self.label_keys}, and {what} has {list(obs.columns)}")
+        codes = np.empty((len(obs), len(self.label_keys)), np.int64)
+        for k, (key, categories) in enumerate(zip(self.label_keys, self.label_categories)):
+            col = obs[key]
+            if col.isna().any():
+                raise InputError(f"{what}[{key!r}] has {int(col.isna().sum())} missing (NaN) labels")
+            values = col.astype(str).to_numpy()
+            codes[:, k] = pd.Categorical(values, categories=categories).codes
+            unknown = sorted(set(values[codes[:, k] < 0]))
+            if unknown:
+                raise InputError(f"{what}[{key!r}] has values the run was not trained on: {unknown[:5]}"
+                                 f"{' ...' if len(unknown) > 5 else ''}; the model knows {categories}")
+        return codes
 
 
 def cluster_gene_order(logx, max_cells: int = ORDER_CELLS) -> list[int]:
@@ -248,8 +364,40 @@ def scaling_parameters(
     return mean, np.sqrt(np.maximum(sq - mean**2, 1e-6))
 
 
+def as_label_keys(label_key: str | Sequence[str] | None) -> list[str]:
+    """Label columns as a list: one name, several names, or none."""
+    keys = [label_key] if isinstance(label_key, str) else list(label_key or [])
+    if not all(isinstance(k, str) for k in keys):
+        raise InputError(f"label keys must be obs column names, got {label_key!r}")
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise InputError(f"label key {repeated[0]!r} given more than once")
+    return keys
+
+
+def label_candidates(obs: pd.DataFrame) -> dict[str, int]:
+    """obs columns that look like cell-type labels, with their number of distinct values.
+
+    Categorical or text columns with 2 to min(500, cells / 2) values, named like a cell-type
+    annotation (cell type, label, annotation, cluster, leiden, louvain) first.
+    """
+    named = re.compile(r"type|label|annot|cluster|leiden|louvain", re.IGNORECASE)
+    found = {}
+    for name in obs.columns:
+        col = obs[name]
+        if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col):
+            n = col.nunique(dropna=True)
+            if 2 <= n <= min(500, len(obs) // 2):
+                found[str(name)] = int(n)
+    return dict(sorted(found.items(), key=lambda kv: named.search(kv[0]) is None))
+
+
 def encode_labels(adata: ad.AnnData, label_key: str | None) -> tuple[np.ndarray | None, list[str]]:
-    """Integer codes and category names of ``obs[label_key]`` (None, [] without a key)."""
+    """Integer codes and category names of ``obs[label_key]`` (None, [] without a key).
+
+    Text, categorical, integer and boolean columns are labels; missing (NaN) or empty labels
+    and non-integer numbers (a measurement such as ``n_counts``, not a label) are refused.
+    """
     if label_key is None:
         return None, []
     if label_key not in adata.obs:
@@ -257,7 +405,15 @@ def encode_labels(adata: ad.AnnData, label_key: str | None) -> tuple[np.ndarray 
     col = adata.obs[label_key]
     if col.isna().any():
         raise ValueError(f"obs[{label_key!r}] has {int(col.isna().sum())} missing labels")
-    cat = col.astype(str).astype("category")
+    fractional = col[col != np.round(col)] if pd.api.types.is_float_dtype(col.dtype) else col[:0]
+    if len(fractional):
+        raise InputError(f"obs[{label_key!r}] holds non-integer numbers (e.g. {fractional.iloc[0]:g}), not labels; "
+                         "pass a column of cell types or other categories")
+    text = col.astype(str)
+    empty = int((text.str.strip() == "").sum())
+    if empty:
+        raise InputError(f"obs[{label_key!r}] has {empty} empty labels; give those cells a label or drop them")
+    cat = text.astype("category")
     return cat.cat.codes.to_numpy().astype(np.int64), [str(c) for c in cat.cat.categories]
 
 
@@ -346,19 +502,28 @@ def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = HVG_BINS
 
 
 def _moments(
-    matrix: H5Matrix, kind: str, groups: np.ndarray, n_groups: int, hvg: bool, chunk_cells: int, what: str
-) -> tuple[GeneMoments, np.ndarray] | None:
-    """One pass: gene moments of the log-normalized cells and per-group log library sums (3, n_groups).
+    matrix: H5Matrix, kind: str, groups: np.ndarray, n_groups: int, hvg: bool, chunk_cells: int, what: str,
+    forced: bool = False,
+) -> tuple[GeneMoments, np.ndarray] | str:
+    """One pass reading the values as ``kind``: gene moments of the log-normalized cells and, for
+    counts, per-group log library sums (3, n_groups).
 
-    Returns None if ``kind`` is "counts" and a non-integer value shows up. Raises on invalid
-    values and, for counts, on cells with zero total counts (all of them counted).
+    Kinds come in the order of ``INPUT_KINDS``, and the kind of the cells read so far can only
+    move forward: when it passes ``kind``, returns it (read the input again as that). With
+    ``forced`` (the user named the kind) values that kind cannot hold raise instead. Raises on
+    invalid values and on cells with zero total (all of them counted).
     """
     n, g = matrix.shape
     moments, log_lib, zero_lib = GeneMoments(g, hvg), np.zeros((3, n_groups)), 0
+    integer, top, order = True, 0.0, list(INPUT_KINDS)
     for start in range(0, n, chunk_cells):
         X = matrix[start : start + chunk_cells]
-        if validate_expression(X, what) == "log-normalized" and kind == "counts":
-            return None
+        chunk_integer, chunk_max = _check_values(X, what)
+        integer, top = integer and chunk_integer, max(top, chunk_max)
+        if forced:
+            _check_forced(kind, integer, top, what)
+        elif order.index(kind_of_values(integer, top)) > order.index(kind):
+            return kind_of_values(integer, top)
         if kind == "log-normalized":
             moments.add(X)
             continue
@@ -368,9 +533,21 @@ def _moments(
             continue  # an error unless a later chunk shows the input is log-normalized
         logx, lib = log_normalize(X, kind)
         moments.add(logx)
+        if kind != "counts":
+            continue  # TPM-like sums are no library sizes
         ll = np.log(lib).astype(np.float64)
         for row, w in enumerate((np.ones_like(ll), ll, ll * ll)):
             log_lib[row] += np.bincount(groups[start : start + chunk_cells], weights=w, minlength=n_groups)
     if zero_lib:
         raise ValueError(f"{zero_lib} cells have zero total counts; filter them out first")
     return moments, log_lib
+
+
+def _check_forced(kind: str, integer: bool, top: float, what: str) -> None:
+    """Refuse values that the input kind the user named cannot hold."""
+    if kind == "counts" and not integer:
+        raise InputError(f"{what}: input kind 'counts' was given but it holds non-integer values; for "
+                         "un-logged non-integer values (TPM, CPM, expected counts) give 'tpm-like'")
+    if kind == "log-normalized" and top > LOG_MAX:
+        raise InputError(f"{what}: input kind 'log-normalized' was given but it holds values up to {top:.6g}, "
+                         f"above any log1p-normalized value ({LOG_MAX:g}); give 'tpm-like' or 'counts'")

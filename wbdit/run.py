@@ -42,6 +42,7 @@ class TrainConfig:
     eval_cells: int = 500
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
     max_steps: int = 0  # stop (and checkpoint) after this many steps in all (0: no limit)
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss or gradient and train on (else stop)
     chunk_cells: int = CHUNK_CELLS  # batch order: chunks of consecutive cells in random order,
     window_chunks: int = WINDOW_CHUNKS  # shuffled together this many chunks at a time (batches.epoch_windows)
 
@@ -63,8 +64,14 @@ class Run:
     history: list[dict]
 
     @classmethod
-    def load(cls, out_dir: str | os.PathLike, device: torch.device | str = "cpu", fused: bool = False) -> "Run":
-        """Load ``out_dir/checkpoint.pt``; the model carries the EMA weights, in eval mode."""
+    def load(cls, out_dir: str | os.PathLike, device: torch.device | str = "cpu", fused: bool = True) -> "Run":
+        """Load the newest usable checkpoint of ``out_dir``; the model carries the EMA weights, in eval mode.
+
+        An unreadable or non-finite newest checkpoint falls back to the previous one with a
+        warning (``wbdit.checkpoint.load_checkpoint``).
+
+        ``fused`` (default) runs the fast paths proven equal to the reference; False the reference.
+        """
         ckpt = load_checkpoint(out_dir)
         model = build_model(ckpt["arch"], **ckpt["model_config"], fused=fused)
         model.load_state_dict(ckpt["ema"])

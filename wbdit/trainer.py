@@ -8,32 +8,42 @@ at the next batch.
 
 Under ``torchrun`` the same code trains with DistributedDataParallel (``wbdit.distributed``);
 an AnnData opened with ``backed=True`` is streamed from disk (``wbdit.preprocessing``).
+
+Faults: a step whose loss or gradient norm is not finite is not applied (model, optimizer
+and EMA untouched); ``NONFINITE_PATIENCE`` such steps in a row stop training with a
+``DivergedError`` naming them, unless ``skip_nonfinite`` (then they are skipped and counted in
+``log.jsonl``). Rank 0 holds the run directory's lock (``wbdit.runlock``) for the whole run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from wbdit import distributed
 from wbdit.batches import CellBatches
-from wbdit.checkpoint import CHECKPOINT, append_log, load_checkpoint, read_log, save_checkpoint, truncate_log
+from wbdit.checkpoint import (CHECKPOINT, PREVIOUS, discard_partial, load_checkpoint, read_log, save_checkpoint,
+                              truncate_log)
 from wbdit.data import ad
 from wbdit.diffusion import GaussianDiffusion
+from wbdit.errors import DivergedError
 from wbdit.model import PRESETS, GeneDiT, WhiteBoxDiT, arch_name
 from wbdit.nvtx import nvtx_range
-from wbdit.preprocessing import Preprocessor
+from wbdit.preprocessing import INPUT_KINDS, Preprocessor
 from wbdit.run import Run, TrainConfig
+from wbdit.runlock import RunLockedError, run_lock
 
 DEFAULT_PREDICTION = "v"  # measured better than x0 and epsilon on PBMC (benchmarks/QUALITY.md)
-RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "max_steps")  # may differ when resuming
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "max_steps", "skip_nonfinite")  # may differ when resuming
+NONFINITE_PATIENCE = 3  # non-finite steps in a row that stop training (unless skip_nonfinite)
 Evaluator = Callable[[Run], dict]  # EMA run -> metrics logged under "eval" (wbdit.evaluation.during_training)
 
 
@@ -72,14 +82,16 @@ def train_step(
     ema_decay: float = 0.0,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One optimisation step on x (B, n_genes) and labels y (B,) or None; returns the 0-d loss.
+) -> tuple[torch.Tensor, bool]:
+    """One optimisation step on x (B, n_genes) and labels y (B,) or None; returns (0-d loss, applied).
 
     ``t`` (B,) and ``noise`` (B, n_genes) are drawn from ``generator`` unless given.
 
     Forward and loss under ``autocast_for(x.device)``, backward, gradient-norm clipping when
     ``grad_clip`` > 0, the optimizer step, then ``ema <- lerp(ema, model, 1 - ema_decay)``
-    when ``ema`` is given. Nothing here synchronizes with the GPU.
+    when ``ema`` is given. If the loss or the gradient norm is not finite (on any rank), the
+    step is not applied: ``applied`` is False and model, optimizer and EMA are unchanged.
+    Deciding that synchronizes with the GPU once, between backward and the optimizer step.
     """
     with nvtx_range("forward"), autocast_for(x.device):
         loss = diffusion.training_loss(model, x, y, generator, t, noise)
@@ -88,12 +100,20 @@ def train_step(
         loss.backward()
     with nvtx_range("optimizer"):
         if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        finite = (torch.isfinite(loss.detach()) & torch.isfinite(norm)).to(torch.int32)
+        if torch.distributed.is_initialized():  # one decision for all ranks, or their weights would part
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():  # one NaN step would poison the weights, Adam's moments and the EMA for good
+            opt.zero_grad(set_to_none=True)
+            return loss, False
         opt.step()
     if ema is not None:
         with nvtx_range("ema"):
             _ema_update(ema, model, ema_decay)
-    return loss
+    return loss, True
 
 
 @dataclass
@@ -104,12 +124,14 @@ class _State:
     step: int = 0
     batch: int = 0  # batches of ``epoch`` done
     epoch_loss: tuple[float, int] = (0.0, 0)
+    epoch_nonfinite: int = 0  # steps of ``epoch`` not applied: non-finite loss or gradient norm
+    log_line: str | None = None  # the log.jsonl line of the epoch that ended at the checkpoint
 
 
 def train(
     adata: ad.AnnData,
-    model: GeneDiT | Callable[[int, int | None], GeneDiT] | None = None,
-    label_key: str | None = None,
+    model: GeneDiT | Callable[[int, int | list[int] | None], GeneDiT] | None = None,
+    label_key: str | list[str] | None = None,
     out_dir: str | os.PathLike = "runs/wbdit",
     config: TrainConfig | None = None,
     diffusion: GaussianDiffusion | None = None,
@@ -117,6 +139,7 @@ def train(
     n_top_genes: int | None = None,
     scaling: str = "minmax",
     gene_order: str = "cluster",
+    input_kind: str | None = None,
     resume: bool = False,
     evaluate: Evaluator | None = None,
     device: torch.device | str | None = None,
@@ -128,13 +151,20 @@ def train(
 
     ``model`` is a model, a factory ``(n_genes, num_classes) -> model`` called (seeded with
     ``config.seed``) once the preprocessing fixed the gene count, or None for a "small"
-    WhiteBoxDiT. Keyword ``overrides`` set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...).
+    WhiteBoxDiT. ``label_key``: the obs column to condition on, or several (``["cell_type",
+    "donor"]``: one embedding table each, ``num_classes`` a list; each column is dropped to its
+    null class on its own with probability ``label_dropout``). Keyword ``overrides`` set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...).
     ``resume=True`` continues the run in ``out_dir`` exactly where its last checkpoint stopped.
     ``gene_order="cluster"`` puts correlated genes in the same patch ("input" keeps the file's
-    order). ``evaluate(run)`` is called every ``eval_every`` epochs on the EMA model
+    order). ``input_kind`` overrides what the values are taken for (``wbdit.preprocessing.INPUT_KINDS``;
+    default: read from them, and printed). ``evaluate(run)`` is called every ``eval_every``
+    epochs on the EMA model
     (``wbdit.evaluation.during_training``). ``hook`` receives step and epoch callbacks. An
     ``adata`` opened with ``backed=True`` is preprocessed and read in chunks from its file.
     Under torchrun every process calls this; ``config.batch_size`` is the global batch.
+    Raises ``RunLockedError`` at once if another process is writing ``out_dir``, and
+    ``DivergedError`` after ``NONFINITE_PATIENCE`` non-finite steps in a row (the checkpoints
+    in ``out_dir`` are then those of the last good steps), unless ``skip_nonfinite=True``.
     """
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     if config.eval_every and evaluate is None:
@@ -142,109 +172,160 @@ def train(
                          "evaluate=wbdit.evaluation.during_training(adata, held_out)")
     dist = distributed.setup(torch.device(device) if device is not None else distributed.default_device())
     device, out_dir = dist.device, Path(out_dir)
-    diffusion = diffusion or GaussianDiffusion(prediction=DEFAULT_PREDICTION)
-    pre, logx, labels = Preprocessor.fit(adata, label_key, layer, n_top_genes, scaling, gene_order)
-    model = _build(model, pre, config.seed).to(device)
-    net = dist.wrap(model)  # DistributedDataParallel over ranks: rank 0's weights everywhere
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    meta = dict(arch=arch_name(model), model_config=model.config, diffusion=diffusion.config,
-                preprocessor=pre.to_dict(), train_config=asdict(config))
-    if resume:
-        state = _resume(out_dir, meta, model, ema, opt, gen)
-        if dist.is_main:
-            truncate_log(out_dir, state.epoch)
-    elif (out_dir / CHECKPOINT).exists():
-        raise FileExistsError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another out_dir")
-    else:
-        state = _State()
-
-    def checkpoint(epoch: int, batch: int, epoch_loss: tuple[float, int], record: dict | None = None) -> None:
-        """Rank 0 saves (``batch`` batches of ``epoch`` done) and logs ``record``; all ranks wait."""
-        if dist.is_main:
-            save_checkpoint(out_dir, dict(meta, model=model.state_dict(), ema=ema.state_dict(),
-                                          optimizer=opt.state_dict(), rng=gen.get_state(), epoch=epoch,
-                                          step=state.step, batch=batch, epoch_loss=epoch_loss))
-            if record is not None:
-                append_log(out_dir, record)
-        dist.barrier()
-
-    batches = CellBatches(logx, labels, pre, config.batch_size, config.chunk_cells, config.window_chunks)
-    size, rows, null = batches.batch_size, dist.shard(batches.batch_size), len(pre.categories)
-    total_steps = min(config.epochs * len(batches), config.max_steps or config.epochs * len(batches))
-    epochs_done, start_epoch = state.epoch, state.epoch
-    for epoch in range(start_epoch, config.epochs):
-        if config.max_steps and state.step >= config.max_steps:
-            break
-        model.train()
-        first = state.batch if epoch == start_epoch else 0  # a resumed epoch continues at its next batch
-        total, n = state.epoch_loss if epoch == start_epoch else (0.0, 0)
-        t0, n0 = time.perf_counter(), n
-        it = tqdm(batches.epoch(config.seed, epoch, device, start=first, rows=rows), total=len(batches) - first,
-                  disable=not (progress and dist.is_main), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
-        b = first  # batches of this epoch done
-        for b, (x, y) in enumerate(it, start=first + 1):
-            # Draws for the whole global batch, the same on every rank; each rank keeps its rows.
-            if y is not None and config.label_dropout > 0:  # classifier-free guidance: learn p(x) too
-                drop = torch.rand((size,), device=device, generator=gen)[rows] < config.label_dropout
-                y = torch.where(drop, torch.full_like(y, null), y)
-            t, noise = diffusion.draw_t_noise(size, pre.n_genes, gen, device)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(config, state.step, total_steps)
-            decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
-            loss = dist.mean(train_step(net, opt, diffusion, x, y, gen, config.grad_clip, ema, decay, t[rows],
-                                        noise[rows]))
-            state.step += 1
-            if hook is not None:
-                hook.on_step_end(state.step, loss)
-            total += loss.item() * size
-            n += size
-            it.set_postfix(loss=f"{loss.item():.4f}")
-            stop = config.max_steps and state.step >= config.max_steps
-            if b < len(batches) and (stop or (config.checkpoint_every and state.step % config.checkpoint_every == 0)):
-                checkpoint(epoch, b, (total, n))  # the epoch's last batch is checkpointed with the epoch
-            if stop:
-                break
-        if b < len(batches):
-            break  # max_steps reached inside the epoch
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        record = dict(epoch=epoch + 1, step=state.step, loss=total / max(n, 1), epoch_time_s=dt,
-                      cells_per_s=(n - n0) / dt)
-        if config.eval_every and (epoch + 1) % config.eval_every == 0 and dist.is_main:
-            record["eval"] = evaluate(Run(out_dir, ema, pre, diffusion, config, epoch + 1, []))
-        if hook is not None:
-            hook.on_epoch_end(record)
-        checkpoint(epoch + 1, 0, (0.0, 0), record)
-        epochs_done = epoch + 1
+    with _writing(out_dir, dist):  # the lock is held until training ends, however it ends
+        diffusion = diffusion or GaussianDiffusion(prediction=DEFAULT_PREDICTION)
+        pre, logx, labels = Preprocessor.fit(adata, label_key, layer, n_top_genes, scaling, gene_order,
+                                             input_kind=input_kind)
         if progress and dist.is_main:
-            tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}  {dt:.1f}s  {record['cells_per_s']:.0f} cells/s")
-    return Run(out_dir, ema, pre, diffusion, config, epochs_done, read_log(out_dir))
+            tqdm.write(f"input {f'layer {layer!r}' if layer else '.X'}: {INPUT_KINDS[pre.input_kind]}")
+        model = _build(model, pre, config.seed).to(device)
+        net = dist.wrap(model)  # DistributedDataParallel over ranks: rank 0's weights everywhere
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        gen = torch.Generator(device=device).manual_seed(config.seed)
+        meta = dict(arch=arch_name(model), model_config=model.config, diffusion=diffusion.config,
+                    preprocessor=pre.to_dict(), train_config=asdict(config))
+        if resume:
+            state = _resume(out_dir, meta, model, ema, opt, gen, discard_bad=dist.is_main)
+            if dist.is_main:
+                truncate_log(out_dir, state.epoch, state.log_line)
+        elif (out_dir / CHECKPOINT).exists() or (out_dir / PREVIOUS).exists():
+            raise FileExistsError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another "
+                                  "out_dir")
+        else:
+            state = _State()
+
+        saved_step = state.step if resume else None  # the step of the newest checkpoint in out_dir
+
+        def checkpoint(epoch: int, batch: int, epoch_loss: tuple[float, int], epoch_nonfinite: int,
+                       record: dict | None = None) -> None:
+            """Rank 0 saves (``batch`` batches of ``epoch`` done) and logs ``record``; all ranks wait."""
+            nonlocal saved_step
+            if dist.is_main:
+                save_checkpoint(out_dir, dict(meta, model=model.state_dict(), ema=ema.state_dict(),
+                                              optimizer=opt.state_dict(), rng=gen.get_state(), epoch=epoch,
+                                              step=state.step, batch=batch, epoch_loss=epoch_loss,
+                                              epoch_nonfinite=epoch_nonfinite), record)
+            saved_step = state.step
+            dist.barrier()
+
+        batches = CellBatches(logx, labels, pre, config.batch_size, config.chunk_cells, config.window_chunks)
+        size, rows = batches.batch_size, dist.shard(batches.batch_size)
+        total_steps = min(config.epochs * len(batches), config.max_steps or config.epochs * len(batches))
+        epochs_done, start_epoch = state.epoch, state.epoch
+        in_a_row = 0  # non-finite steps just before this one
+        for epoch in range(start_epoch, config.epochs):
+            if config.max_steps and state.step >= config.max_steps:
+                break
+            model.train()
+            first = state.batch if epoch == start_epoch else 0  # a resumed epoch continues at its next batch
+            total, n = state.epoch_loss if epoch == start_epoch else (0.0, 0)
+            nonfinite = state.epoch_nonfinite if epoch == start_epoch else 0
+            t0, n0 = time.perf_counter(), n
+            it = tqdm(batches.epoch(config.seed, epoch, device, start=first, rows=rows), total=len(batches) - first,
+                      disable=not (progress and dist.is_main), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+            b = first  # batches of this epoch done
+            for b, (x, y) in enumerate(it, start=first + 1):
+                # Draws for the whole global batch, the same on every rank; each rank keeps its rows.
+                if y is not None and config.label_dropout > 0:  # classifier-free guidance: learn p(x) too
+                    # Each label column dropped on its own: guidance per attribute (one column: (size,) draws).
+                    drop = torch.rand((size, *y.shape[1:]), device=device, generator=gen)[rows] < config.label_dropout
+                    y = model.drop_labels(y, drop)
+                t, noise = diffusion.draw_t_noise(size, pre.n_genes, gen, device)
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(config, state.step, total_steps)
+                decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
+                loss, applied = train_step(net, opt, diffusion, x, y, gen, config.grad_clip, ema, decay, t[rows],
+                                           noise[rows])
+                loss = dist.mean(loss)
+                state.step += 1
+                if hook is not None:
+                    hook.on_step_end(state.step, loss)
+                if applied:
+                    total += loss.item() * size
+                    n += size
+                    in_a_row = 0
+                else:
+                    nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                    if in_a_row >= NONFINITE_PATIENCE and not config.skip_nonfinite:
+                        raise DivergedError(_diverged(state.step, in_a_row, out_dir, saved_step, config))
+                it.set_postfix(loss=f"{loss.item():.4f}")
+                stop = config.max_steps and state.step >= config.max_steps
+                due = config.checkpoint_every and state.step % config.checkpoint_every == 0
+                if b < len(batches) and (stop or due):
+                    checkpoint(epoch, b, (total, n), nonfinite)  # the epoch's last batch: checkpointed with it
+                if stop:
+                    break
+            if b < len(batches):
+                break  # max_steps reached inside the epoch
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            record = dict(epoch=epoch + 1, step=state.step, loss=total / n if n else math.nan, epoch_time_s=dt,
+                          cells_per_s=(n - n0) / dt, nonfinite_steps=nonfinite)
+            if config.eval_every and (epoch + 1) % config.eval_every == 0 and dist.is_main:
+                record["eval"] = evaluate(Run(out_dir, ema, pre, diffusion, config, epoch + 1, []))
+            if hook is not None:
+                hook.on_epoch_end(record)
+            checkpoint(epoch + 1, 0, (0.0, 0), 0, record)
+            epochs_done = epoch + 1
+            if progress and dist.is_main:
+                skipped = f"  {nonfinite} non-finite steps skipped" if nonfinite else ""
+                tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}  {dt:.1f}s  {record['cells_per_s']:.0f} "
+                           f"cells/s{skipped}")
+        return Run(out_dir, ema, pre, diffusion, config, epochs_done, read_log(out_dir))
 
 
-def _build(model: GeneDiT | Callable[[int, int | None], GeneDiT] | None, pre: Preprocessor, seed: int) -> GeneDiT:
+@contextlib.contextmanager
+def _writing(out_dir: Path, dist: distributed.Dist) -> Iterator[None]:
+    """Rank 0 holds the writer lock of ``out_dir`` for the block; if it cannot, every rank raises."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if dist.is_main:
+            try:
+                stack.enter_context(run_lock(out_dir))
+            except RunLockedError as exc:
+                refused = exc
+            else:
+                discard_partial(out_dir)  # temporaries of a killed run: no other writer can own them now
+        # Every rank learns rank 0's outcome, so that none waits forever at the first collective.
+        if float(dist.mean(torch.tensor(float(refused is None), device=dist.device))) < 1:
+            raise refused or RunLockedError(f"{out_dir}: rank 0 could not lock the run directory (see its error)")
+        yield
+
+
+def _diverged(step: int, in_a_row: int, out_dir: Path, saved_step: int | None, config: TrainConfig) -> str:
+    kept = (f"{out_dir} keeps its checkpoint of step {saved_step}" if saved_step is not None
+            else f"no checkpoint was written to {out_dir}")
+    return (f"training diverged: the loss or gradient norm was not finite at steps {step - in_a_row + 1} to {step} "
+            f"({in_a_row} in a row); they were not applied (the weights are those of step {step - in_a_row}) and "
+            f"{kept}. Lower the learning rate (lr={config.lr:g}) or raise warmup_steps (--warmup-steps); to skip "
+            "such steps and train on (e.g. bf16 overflow on a GPU), pass skip_nonfinite=True (--skip-nonfinite)")
+
+
+def _build(model: GeneDiT | Callable[[int, int | list[int] | None], GeneDiT] | None, pre: Preprocessor,
+           seed: int) -> GeneDiT:
     """The model to train: given, or made by a factory once the gene and class counts are known."""
     if not isinstance(model, GeneDiT):
         factory = model or (lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **PRESETS["small"]))
         with torch.random.fork_rng(devices=[]):  # initial weights follow the seed, global RNG untouched
             torch.manual_seed(seed)
-            model = factory(pre.n_genes, len(pre.categories) or None)
+            model = factory(pre.n_genes, pre.num_classes)
     _check_model_fits(model, pre)
     return model
 
 
 def _resume(out_dir: Path, meta: dict, model: GeneDiT, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-            gen: torch.Generator) -> _State:
-    """Load the last checkpoint of ``out_dir`` into model, EMA, optimizer and generator."""
-    ckpt = load_checkpoint(out_dir)
+            gen: torch.Generator, discard_bad: bool) -> _State:
+    """Load the newest usable checkpoint of ``out_dir`` into model, EMA, optimizer and generator."""
+    ckpt = load_checkpoint(out_dir, discard_bad=discard_bad)
     _check_resumable(ckpt, meta)
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
     gen.set_state(ckpt["rng"])
-    return _State(ckpt["epoch"], ckpt["step"], ckpt.get("batch", 0), tuple(ckpt.get("epoch_loss", (0.0, 0))))
+    return _State(ckpt["epoch"], ckpt["step"], ckpt.get("batch", 0), tuple(ckpt.get("epoch_loss", (0.0, 0))),
+                  ckpt.get("epoch_nonfinite", 0), ckpt.get("log_line"))
 
 
 @torch.no_grad()
@@ -264,9 +345,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def _check_model_fits(model: GeneDiT, pre: Preprocessor) -> None:
     if model.n_genes != pre.n_genes:
         raise ValueError(f"model has n_genes={model.n_genes} but the data has {pre.n_genes} genes after preprocessing")
-    n_classes = len(pre.categories) or None
-    if model.num_classes != n_classes:
-        raise ValueError(f"model has num_classes={model.num_classes} but the labels have {n_classes} classes")
+    sizes = [len(c) for c in pre.label_categories]
+    if model.label_sizes != sizes:
+        have = f"{pre.num_classes} classes" if len(sizes) < 2 else f"{sizes} classes ({', '.join(pre.label_keys)})"
+        raise ValueError(f"model has num_classes={model.num_classes} but the labels have {have}")
 
 
 def _check_resumable(ckpt: dict, meta: dict) -> None:
