@@ -62,15 +62,18 @@ stage() { # stage NAME LIMIT CMD...: run under a time limit (CMD may be a functi
   tail -n 3 "$tmp"
   LAST_STAGE_LOG=$(cat "$tmp")
   rm -f "$tmp"
-  printf '{"stage": "%s", "kind": "stage", "name": "%s", "limit": %d, "seconds": %d, "rc": %d}\n' \
-    "$name" "$name" "$limit" $((SECONDS - t0)) "$rc" >>"$RESULTS"
+  # A failed stage keeps its last line of output beside its status (often the error itself).
+  python3 -c 'import json, sys; n, l, s, rc, last = sys.argv[1:]; print(json.dumps({"stage": n, "kind": "stage",
+    "name": n, "limit": int(l), "seconds": int(s), "rc": int(rc), "last": last}))' \
+    "$name" "$limit" $((SECONDS - t0)) "$rc" "$([ "$rc" = 0 ] || grep -v '^\s*$' <<<"$LAST_STAGE_LOG" | tail -n 1)" \
+    >>"$RESULTS"
   echo "-- $name rc=$rc $((SECONDS - t0))s" | tee -a "$LOG"
   [ "$rc" = 0 ] || FAILED=1
   return "$rc"
 }
 
-note() { # note STAGE KIND FIELD VALUE: one JSON row written by the shell (strings only)
-  "$PY" -c 'import json, sys; print(json.dumps({"stage": sys.argv[1], "kind": sys.argv[2], sys.argv[3]: sys.argv[4], **dict(zip(sys.argv[5::2], sys.argv[6::2]))}))' \
+note() { # note STAGE KIND FIELD VALUE [FIELD VALUE...]: one JSON row written by the shell (strings only)
+  python3 -c 'import json, sys; print(json.dumps({"stage": sys.argv[1], "kind": sys.argv[2], sys.argv[3]: sys.argv[4], **dict(zip(sys.argv[5::2], sys.argv[6::2]))}))' \
     "$@" >>"$RESULTS"
 }
 
@@ -103,7 +106,7 @@ gpu_setup() {
 
 memcheck() {
   if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
-    STAGE=memcheck "$PY" benchmarks/gpu/memcheck_model.py # records the skip
+    "$PY" benchmarks/gpu/memcheck_model.py # records the skip
     return 0
   fi
   command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
@@ -148,13 +151,13 @@ TWIN=${WBDIT_TWIN:-/tmp/wbdit-twin}
 VENV=$TWIN/venv
 SRC=$TWIN/src
 DEV_PY=${DEV_PYTHON:-$ROOT/.venv/bin/python} # the dev machines' torch + Triton, for the table beside
-PY=python3                                   # until the venv exists (note() needs a python)
 COMPARE=()
-export PY VENV SRC WHEELS TWIN_REQS ABSENT
+export PY VENV SRC TWIN TWIN_REQS ABSENT NUMPY_INTERP
 # The GPU machine's packages as the device tool's KINDS.md lists them (versions: newest on PyPI,
 # torch pinned), plus what building needs there too (ninja, setuptools, wheel).
 TWIN_REQS="torch==2.11.0 scipy pandas h5py scikit-learn matplotlib tqdm pytest pytest-benchmark numba ninja setuptools>=64 wheel"
 ABSENT="anndata scanpy ot umap"
+NUMPY_INTERP=2.3.5
 T0=$SECONDS
 check_limits || exit 1
 export WBDIT_GIT
@@ -216,6 +219,16 @@ assert archs == ["sm_90"], archs
 EOF
 }
 
+twin_interpreter() { # the kernel tests through Triton 3.6's interpreter
+  # Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which numpy >= 2.4
+  # refuses ("only 0-dimensional arrays can be converted"; Triton 3.8 squeezes first). The GPU
+  # machine never interprets, so only this stage runs with an older numpy, from an overlay.
+  [ -d "$TWIN/numpy-interp" ] || "$VENV/bin/pip" install -q --no-deps --target "$TWIN/numpy-interp" \
+    "numpy==$NUMPY_INTERP" || return 1
+  TRITON_INTERPRET=1 PYTHONPATH=$TWIN/numpy-interp "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_mssa.py tests/test_ista.py tests/test_fused_model.py tests/test_tuning.py
+}
+
 aot_ok() { # aot_ok JSON: every row within its spill bound and shared memory, tensor cores where a GEMM is
   "$VENV/bin/python" - "$1" <<'EOF'
 import json, sys
@@ -249,9 +262,9 @@ else
 fi
 [ -s "$RES/aot-triton-3.6.json" ] && stage twin-aot-table 60 "$PY" -m wbdit.kernels.aot --rows "$RES/aot-triton-3.6.json" \
   "${COMPARE[@]}" --results "$ROOT/benchmarks/RESULTS.md"
-stage twin-interpreter 900 env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_mssa.py tests/test_ista.py tests/test_fused_model.py tests/test_tuning.py
-note twin-interpreter pytest what "Interpreter tests under Triton 3.6" summary "$(tail -n 1 <<<"$LAST_STAGE_LOG")"
+stage twin-interpreter 900 twin_interpreter
+note twin-interpreter pytest what "Interpreter tests under Triton 3.6 (numpy $NUMPY_INTERP for this stage only)" \
+  summary "$(tail -n 1 <<<"$LAST_STAGE_LOG")"
 stage twin-collect 300 "$PY" -m pytest -q -p no:cacheprovider --collect-only $GPU_TESTS $BENCH_FILES
 note twin-collect pytest what "pytest --collect-only of the GPU tests and benchmarks" \
   summary "$(tail -n 1 <<<"$LAST_STAGE_LOG")"

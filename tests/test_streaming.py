@@ -316,7 +316,8 @@ def test_killed_again_and_again_ends_with_the_uninterrupted_weights(tmp_path, co
 
     child = kill_child(path, run_dir, losses, config, {"step": 10, "at": "hang"})
     deadline = time.monotonic() + 300
-    while not list(run_dir.glob("checkpoint.tmp-*.pt")) or load_checkpoint(run_dir)["step"] < 9:
+    while not ((run_dir / CHECKPOINT).exists() and list(run_dir.glob("checkpoint.tmp-*.pt"))
+               and load_checkpoint(run_dir)["step"] == 9):  # hanging in the save of step 10
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1][-3000:]
         time.sleep(0.05)
     with pytest.raises(RunLockedError, match=f"is being written by pid {child.pid} on"):

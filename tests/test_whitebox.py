@@ -13,9 +13,10 @@ from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import DiT, WhiteBoxDiT, modulate
 from wbdit.preprocessing import Preprocessor
 from wbdit.reference import timestep_embedding
+from wbdit.run import Run, TrainConfig
 from wbdit.whitebox import (
     EPS, block_measures, block_taps, code_sparsity, coding_rate, compression_rate, head_bases,
-    cells_in_model_space, inspect, noise_levels, sparse_rate_reduction, training_summary,
+    cells_in_model_space, inspect, noise_levels, sparse_rate_reduction, during_training,
 )
 from wbdit.whitebox_report import plot_training_whitebox, write_report
 
@@ -184,9 +185,12 @@ def test_cells_from_anndata_follow_the_run_preprocessing():
 
 
 def test_training_curves_from_logged_measures(tmp_path):
-    model = _perturbed(WhiteBoxDiT(**TINY))
-    summary = training_summary(model, torch.randn(8, 30), None, GaussianDiffusion(), t=2)
-    assert summary["t"] == [0, 999] and np.asarray(summary["srr"]).shape == (2, 2)
+    adata = datasets.synthetic(n_cells=40, n_genes=30, n_types=3, markers_per_type=5, seed=0)
+    pre, _, _ = Preprocessor.fit(adata, label_key="cell_type")
+    model = _perturbed(WhiteBoxDiT(**TINY, num_classes=3))
+    run = Run(tmp_path, model, pre, GaussianDiffusion(), TrainConfig(), 1, [])
+    summary = during_training(adata, n_cells=8, t=2)(run)
+    assert summary["t"] == [0, 999] and summary["n_cells"] == 8 and np.asarray(summary["srr"]).shape == (2, 2)
     lines = [dict(epoch=e, loss=1.0, whitebox=summary) for e in (1, 2)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert plot_training_whitebox(tmp_path)[0].endswith("training_whitebox.png")

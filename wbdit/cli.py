@@ -6,12 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-from wbdit.diffusion import GUIDANCES, PREDICTIONS, SAMPLERS, SCHEDULES
+from wbdit.diffusion import DEFAULT_STEPS, GUIDANCES, PREDICTIONS, SAMPLERS, SCHEDULES
 from wbdit.distributed import default_device
 from wbdit.errors import MissingKeyError
 from wbdit.model import MODELS, PRESETS, build_model
 from wbdit.preprocessing import GENE_ORDERS, INPUT_KINDS, SCALINGS, label_candidates
 from wbdit.run import LR_SCHEDULES, Run, TrainConfig
+from wbdit.sampling import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER
 from wbdit.trainer import DEFAULT_PREDICTION, NONFINITE_PATIENCE
 
 
@@ -50,6 +51,15 @@ def _cfg_scale(text: str) -> tuple[str | None, float]:
         raise argparse.ArgumentTypeError(f"expected SCALE or COLUMN=SCALE, got {text!r}") from None
 
 
+def _interval(text: str) -> tuple[float, float]:
+    """``LO,HI`` -> (lo, hi), fractions of T."""
+    lo, sep, hi = text.partition(",")
+    try:
+        return float(lo), float(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (fractions of T, e.g. 0,1), got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -77,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     size = _model_size(args)
 
     def model(n_genes: int, num_classes: int | list[int] | None):
-        return build_model(args.arch, n_genes=n_genes, num_classes=num_classes, fused=args.fused, **size)
+        return build_model(args.arch, n_genes=n_genes, num_classes=num_classes, **size)
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
@@ -96,7 +106,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
                 layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, gene_order=args.gene_order,
                 input_kind=args.input_kind,
-                resume=args.resume, evaluate=evaluator, device=args.device)
+                resume=args.resume, evaluate=evaluator, device=args.device, fused=not args.reference,
+                compile=args.compile)
     last = run.history[-1] if run.history else {}
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
         loss = last.get("loss")  # None (null in log.jsonl) when every step of the epoch was skipped
@@ -109,14 +120,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     run = Run.load(args.run)
     scales = args.cfg_scale or []
-    base = next((w for column, w in reversed(scales) if column is None), 1.0)  # the last bare SCALE
+    base = next((w for column, w in reversed(scales) if column is None), None)  # the last bare SCALE
     per_column = {column: w for column, w in scales if column is not None}
-    cfg_scale = {**dict.fromkeys(run.preprocessor.label_keys, base), **per_column} if per_column else base
+    cfg_scale = {**dict.fromkeys(run.preprocessor.label_keys, DEFAULT_CFG_SCALE if base is None else base),
+                 **per_column} if per_column else base  # None: sample()'s default
     gen = sample(run, n_cells=args.n_cells, cell_types=dict(args.cell_type) if args.cell_type else None,
                  conditions=args.condition or (), like=read_h5ad(args.like) if args.like else None,
                  allow_unseen=args.allow_unseen, guidance=args.guidance,
                  sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=cfg_scale,
-                 counts=args.counts, seed=args.seed, device=args.device, fused=args.fused or None)
+                 cfg_interval=args.cfg_interval,
+                 batch_size=args.batch_size, counts=args.counts, seed=args.seed, device=args.device,
+                 fused=not args.reference)
     write_h5ad(gen, args.output)
     print(f"wrote {gen.n_obs} cells x {gen.n_vars} genes -> {args.output}")
 
@@ -125,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from wbdit.evaluation import cli_evaluate
 
     cli_evaluate(args.real, args.generated, args.output, label_key=args.label_key, n_pcs=args.n_pcs, seed=args.seed,
-                 reference_path=args.reference)
+                 reference_path=args.reference, all_genes=args.all_genes, space=args.space)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -155,7 +169,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         models=tuple(args.models.split(",")) if args.models else None, preset=args.preset, data=args.data,
         n_cells=args.n_cells, n_genes=args.n_genes, n_types=args.n_types, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, eval_cells=args.eval_cells,
-        seed=args.seed, isolate=False if args.no_isolate else None,
+        seed=args.seed, isolate=False if args.no_isolate else None, baselines=True if args.baselines else None,
     ).items() if v is not None}
     run_compare(args.out, CompareConfig.for_device(device, size, **overrides), device=device)
     print(Path(args.out, "compare.md").read_text())
@@ -168,7 +182,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.nsys:
         print("Nsight Systems timeline of the measured steps (NVTX ranges included):\n  "
               + nsys_command(args.out, ["wbdit", *args.argv]), flush=True)
-    s = profile_training(args.out, arch=args.arch, fused=args.fused, preset=args.preset, n_genes=args.n_genes,
+    s = profile_training(args.out, arch=args.arch, fused=not args.reference, preset=args.preset, n_genes=args.n_genes,
                          batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, nsys=args.nsys,
                          device=args.device, seed=args.seed,
                          model_overrides={k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k) is not None})
@@ -238,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "tpm-like)")
     t.add_argument("--backed", action="store_true",
                    help="stream the .h5ad from disk in chunks instead of loading it (for files larger than memory)")
-    t.add_argument("--fused", action="store_true", help="use the fused kernels")
+    t.add_argument("--reference", action="store_true",
+                   help="train on the plain-PyTorch reference ops instead of the fast paths proven equal to it")
+    t.add_argument("--compile", action="store_true",
+                   help="run the training forward under torch.compile (compiles for a while first; see "
+                        "benchmarks/RESULTS.md for when it pays off)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate cells from a trained run", parents=[common])
@@ -256,17 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "copied, obs_names '<template cell>-twin'")
     s.add_argument("--allow-unseen", action="store_true",
                    help="generate label combinations that never occur in the training data")
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
+    s.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
+    s.add_argument("--steps", type=_positive_int,
+                   help="model calls per cell, guidance aside (default: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + "; ddpm takes all T)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
     s.add_argument("--cfg-scale", type=_cfg_scale, action="append", metavar="[COLUMN=]SCALE",
-                   help="classifier-free guidance scale for every label column (default 1.0), or for one "
-                        "column, e.g. --cfg-scale 1.5 --cfg-scale donor=1.0 (repeatable)")
+                   help=f"classifier-free guidance scale for every label column (default {DEFAULT_CFG_SCALE}; "
+                        "unconditional runs: none), or for one column, e.g. --cfg-scale 1.5 --cfg-scale donor=1.0 "
+                        "(repeatable)")
+    s.add_argument("--cfg-interval", type=_interval, default=DEFAULT_CFG_INTERVAL, metavar="LO,HI",
+                   help="guide only the steps whose t / T lies in [LO, HI]; the others cost one forward pass "
+                        "instead of two (default {:g},{:g}; 0,1: every step)".format(*DEFAULT_CFG_INTERVAL))
     s.add_argument("--guidance", choices=GUIDANCES, default="joint",
                    help="guidance over several label columns: joint (u + w (c - u) with equal scales) or "
                         "compositional (CFGen: u + sum_k w_k (c_k - u)); one column: both the same")
     s.add_argument("--counts", action="store_true", help="write integer counts (log values in a layer)")
-    s.add_argument("--fused", action="store_true", help="use the fused kernels")
+    s.add_argument("--batch-size", type=_positive_int, help="cells per batch (default: sized for the device)")
+    s.add_argument("--reference", action="store_true",
+                   help="run the plain-PyTorch reference ops instead of the fast paths proven equal to it")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="compare generated cells with real ones")
@@ -274,13 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("generated", help="generated cells .h5ad")
     e.add_argument("-o", "--output", required=True, help="report directory")
     e.add_argument("--label-key", help="obs column with cell types (in both files)")
-    e.add_argument("--reference", help="the cells the generator was trained on (.h5ad): the PCA is fit on them "
-                   "and the real-vs-real floor compares them with REAL")
+    e.add_argument("--reference", help="the cells the generator was trained on (.h5ad): genes, PCA and baselines "
+                   "are fit on them, and the downstream-utility classifier trains on them")
+    e.add_argument("--all-genes", action="store_true",
+                   help="evaluate on every gene (default: the 2000 most highly variable when there are more)")
+    e.add_argument("--space", choices=("auto", "joint", "reference"), default="auto",
+                   help="PCA fit on the reference (default with --reference) or on both sides of each comparison")
     e.add_argument("--n-pcs", type=_positive_int, default=30)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("report", help="plot a run's loss and metrics against epoch")
+    r = sub.add_parser("report", help="plot a run's loss and metrics against epoch, optimizer steps and training time")
     r.add_argument("run", help="run directory")
     r.set_defaults(func=cmd_report)
 
@@ -307,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-cells", type=_positive_int, help="generated cells per evaluation")
     c.add_argument("--no-isolate", action="store_true", help="train all variants in this process (CPU peak RSS "
                    "is then reset per epoch where Linux allows it)")
+    c.add_argument("--baselines", action="store_true", help="add rows for the per-gene Gaussian and per-gene "
+                   "resampling baselines, evaluated like the models' cells on the same held-out cells")
     c.set_defaults(func=cmd_compare)
 
     f = sub.add_parser("profile", help="profile a few training steps (torch.profiler trace, top ops; or --nsys)",
@@ -315,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--nsys", action="store_true",
                    help="print the nsys command and bracket the measured steps with cudaProfilerStart/Stop")
     f.add_argument("--arch", choices=tuple(MODELS), default="wbdit")
-    f.add_argument("--fused", action="store_true")
+    f.add_argument("--reference", action="store_true", help="profile the reference ops instead of the fast paths")
     f.add_argument("--n-genes", type=_positive_int, default=2000)
     f.add_argument("--batch-size", type=_positive_int, help="default 256 on CUDA, 32 on CPU")
     f.add_argument("--warmup", type=_positive_int, default=3, help="unprofiled warm-up steps")

@@ -70,6 +70,7 @@ class CompareConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=64, eval_every=5,
                                                                    eval_cells=200))
     isolate: bool = True
+    baselines: bool = False  # also run the per-gene Gaussian and resampling baselines through the same evaluator
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in VARIANTS]
@@ -160,7 +161,7 @@ def train_variant(name: str, config: CompareConfig, data: tuple[str, str], out_d
     meter.reset()
     run = train(real_train, factory, label_key=LABEL_KEY, out_dir=run_dir,
                 config=config.train, evaluate=evaluator, device=device, progress=progress,
-                hook=_EpochMemory(meter))
+                hook=_EpochMemory(meter), fused=fused)
     return dict(
         name=name, arch=arch, fused=fused, params=sum(p.numel() for p in built[0].parameters()),
         implementations={op: impl for op, impl in ops.report().items() if op in ARCH_OPS[arch]},
@@ -218,10 +219,16 @@ def run_compare(out_dir: str | Path, config: CompareConfig | None = None, device
         result = _train_isolated(*args) if config.isolate else train_variant(*args)
         result["summary"] = summarize(result)
         models[name] = result
+    baselines = {}
+    if config.baselines:  # the trivial generators on the same split, through the same evaluator
+        from wbdit.evaluation import baseline_headlines  # scikit-learn, POT: only when evaluating
+
+        baselines = baseline_headlines(read_h5ad(data[1]), read_h5ad(data[0]), LABEL_KEY, config.train.eval_cells,
+                                       seed=config.train.seed)
     report = dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=describe_machine(device),
         device=str(device), data=config.describe_data(), config=asdict(config), models=models,
-        speed_ratios=speed_ratios(models),
+        speed_ratios=speed_ratios(models), baselines=baselines,
     )
     with atomic_path(out / "compare.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
@@ -274,6 +281,8 @@ def markdown(report: dict) -> str:
             f"{s['cells_per_s']:.1f}" if s["cells_per_s"] < 100 else f"{s['cells_per_s']:.0f}",
             f"{s['peak_mem_bytes'] / MiB:.0f}", f"{s['final_loss']:.4f}", *(_fmt(evals.get(k)) for k in metric_names),
         ]))
+    for name, headline in report.get("baselines", {}).items():  # wbdit.baselines, same cells and evaluator
+        lines.append(_row([f"baseline: {name}", *["-"] * 5, *(_fmt(headline.get(k)) for k in metric_names)]))
     if report["speed_ratios"]:
         lines += ["", "Per-epoch speed ratio (DiT time / WB-DiT time; > 1 means WB-DiT is faster): "
                   + ", ".join(f"{k} = {v:.2f}x" for k, v in report["speed_ratios"].items())]

@@ -29,9 +29,9 @@ cells x 32,786 genes, issue 15). So the space is never fit on the compared real 
   with ``real`` held out): genes and PCA are fit on the reference; real and generated
   cells are both unseen. One space for every column.
 - ``space="joint"`` (the default without a reference): the highly variable genes are
-  ranked on real + generated cells together, and each comparison fits its PCA on both
-  of its sides (real + generated; half + half for the floor; real + baseline), so each
-  side shaped it equally. Measured on PBMC68k halves and a 20,000-gene simulation
+  ranked on real + generated cells together, and each comparison fits its PCA on both of
+  its sides, so each side shaped it equally: real + generated (the floor's two real halves
+  are compared in this same PCA, where both shaped it too), real + each baseline. Measured on PBMC68k halves and a 20,000-gene simulation
   (benchmarks/QUALITY.md, "Evaluation protocol"): real vs real kNN AUC 0.49 +- 0.02 (PBMC,
   8 splits), and against cells whose within-type spread is shrunk to 0.8x, kNN AUC 0.72 and
   RF 0.88, where fitting on a held-out split of the real cells instead (the other unbiased
@@ -499,8 +499,10 @@ def evaluate(
         cells fit the space" in the module docstring.
 
     The floor is one random half of ``real`` (split within each cell type) against the
-    other half, in the same situation as the real-vs-generated comparison (reference PCA, or
-    a PCA fit on both halves). Generated-cell metrics do not depend on ``baselines``.
+    other half, in the real-vs-generated comparison's PCA (the reference's, or the one fit on
+    real + generated cells). Marker and correlation metrics of every column are scored
+    against the first half, the compared cells cut to the second half's per-type counts
+    (``_biology``). Generated-cell metrics do not depend on ``baselines``.
     """
     with threadpool_limits(limits=EVAL_THREADS):
         return _evaluate(real, generated, label_key, n_pcs, max_cells_ot, seed, baselines, reference, all_genes, space)
@@ -656,6 +658,25 @@ def cli_evaluate(real_path: str, generated_path: str, out_dir: str, label_key: s
     return report
 
 
+def baseline_headlines(real: ad.AnnData, reference: ad.AnnData, label_key: str | None, n_cells: int,
+                       seed: int = 0) -> dict[str, dict]:
+    """Each baseline run as a generator: ``n_cells`` cells fit on ``reference`` (per type in its
+    proportions when ``label_key``), evaluated against ``real`` exactly as generated cells are
+    (``evaluate(real, cells, reference=reference, baselines=False).headline()``). For tables that
+    put models and baselines side by side (``wbdit compare --baselines``)."""
+    cell_types = None
+    if label_key is not None:
+        counts = reference.obs[label_key].astype(str).value_counts()
+        cell_types = {t: int(c) for t, c in (counts / counts.sum() * n_cells).round().astype(int).items() if c > 0}
+    out = {}
+    for name in B.BASELINES:
+        cells = B.baseline_cells(name, reference, cell_types=cell_types, n_cells=n_cells, label_key=label_key or "",
+                                 seed=seed)
+        out[name] = evaluate(real, cells, label_key=label_key, seed=seed, baselines=False,
+                             reference=reference).headline()
+    return out
+
+
 def during_training(real: ad.AnnData, reference: ad.AnnData | None = None, n_cells: int = 500,
                     seed: int = 0) -> Callable[[Run], dict]:
     """An evaluator for ``wbdit.train(evaluate=...)``: headline metrics of ``n_cells`` cells
@@ -671,5 +692,5 @@ def during_training(real: ad.AnnData, reference: ad.AnnData | None = None, n_cel
     return evaluate_run
 
 
-__all__ = ["EvalReport", "METRICS", "cli_evaluate", "during_training", "evaluate", "plot_training_curves",
-           "write_report"]
+__all__ = ["EvalReport", "METRICS", "baseline_headlines", "cli_evaluate", "during_training", "evaluate",
+           "plot_training_curves", "write_report"]

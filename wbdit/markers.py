@@ -69,7 +69,7 @@ def rank_markers(logx: np.ndarray, labels: np.ndarray, min_cells: int) -> Marker
 
 
 def marker_agreement(real: MarkerRanking, other: MarkerRanking, k: int = MARKER_TOP_K) -> dict[str, dict]:
-    """Per type ranked on both sides: ``marker_recall`` and ``marker_logfc_rho`` over the real top-k (module docstring)."""
+    """Per type ranked on both sides: ``marker_recall`` and ``marker_logfc_rho`` over the real top-k (see module)."""
     out = {}
     for t in sorted(set(real.order) & set(other.order)):
         top = real.order[t][:k]

@@ -61,7 +61,8 @@ def wasserstein(x: np.ndarray, y: np.ndarray, p: int) -> float:
     """
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
-    cost = ot.dist(np.asarray(x, np.float64), np.asarray(y, np.float64), metric="euclidean" if p == 1 else "sqeuclidean")
+    metric = "euclidean" if p == 1 else "sqeuclidean"
+    cost = ot.dist(np.asarray(x, np.float64), np.asarray(y, np.float64), metric=metric)
     value = ot.emd2(ot.unif(len(x)), ot.unif(len(y)), cost, numItermax=EMD_MAX_ITER)
     return float(max(value, 0.0)) ** (1.0 / p)
 

@@ -157,7 +157,8 @@ def ista(x: Tensor, D: Tensor, eta: float, lmbda: float, fused: bool = False, B:
 
 
 def ista_matrix(D: Tensor, eta: float) -> Tensor:
-    """``B = eta (D - D^T D)``, (H, H) float32, for ``ista(..., B=B)`` (``wbdit.fastpaths.ista_matrix``)."""
+    """``B = eta (D - D^T D)``, (H, H) float32 (float64 for a float64 D), for ``ista(..., B=B)``
+    (``wbdit.fastpaths.ista_matrix``)."""
     return fastpaths.ista_matrix(D, eta)
 
 

@@ -152,7 +152,7 @@ class _StepWindow:
 def profile_training(
     out_dir: str | os.PathLike,
     arch: str = "wbdit",
-    fused: bool = False,
+    fused: bool = True,
     preset: str | None = None,
     n_genes: int = 2000,
     batch_size: int | None = None,
@@ -205,7 +205,7 @@ def profile_training(
     with profiler as prof:
         window = _StepWindow(warmup, steps, prof, cuda_range=nsys and cuda, device=device)
         train(adata, model, label_key="cell_type", out_dir=out / "run", config=config, device=device,
-              progress=False, hook=window)
+              progress=False, hook=window, fused=fused)
     step_ms = window.step_ms()
     summary = dict(
         arch=arch, fused=fused, preset=preset, model=size, n_genes=n_genes, batch_size=batch_size,

@@ -145,6 +145,8 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     hook: TrainHook | None = None,
+    fused: bool = True,
+    compile: bool = False,
     **overrides,
 ) -> Run:
     """Train ``model`` on ``adata`` and return the ``Run`` (also written to ``out_dir``).
@@ -162,6 +164,10 @@ def train(
     (``wbdit.evaluation.during_training``). ``hook`` receives step and epoch callbacks. An
     ``adata`` opened with ``backed=True`` is preprocessed and read in chunks from its file.
     Under torchrun every process calls this; ``config.batch_size`` is the global batch.
+    ``fused`` (default) trains on the fast paths proven equal to the reference (it sets
+    ``model.fused``; False: the reference). ``compile=True`` runs the training forward under
+    ``torch.compile`` as one graph (custom ops included; a graph break is an error); the
+    checkpoint and the EMA model stay the plain module.
     Raises ``RunLockedError`` at once if another process is writing ``out_dir``, and
     ``DivergedError`` after ``NONFINITE_PATIENCE`` non-finite steps in a row (the checkpoints
     in ``out_dir`` are then those of the last good steps), unless ``skip_nonfinite=True``.
@@ -179,7 +185,10 @@ def train(
         if progress and dist.is_main:
             tqdm.write(f"input {f'layer {layer!r}' if layer else '.X'}: {INPUT_KINDS[pre.input_kind]}")
         model = _build(model, pre, config.seed).to(device)
+        model.fused = fused
         net = dist.wrap(model)  # DistributedDataParallel over ranks: rank 0's weights everywhere
+        if compile:  # fixed batch shapes (ragged last batches are dropped): no dynamic shapes
+            net = torch.compile(net, fullgraph=True, dynamic=False)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         gen = torch.Generator(device=device).manual_seed(config.seed)

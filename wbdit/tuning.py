@@ -37,15 +37,15 @@ BUNDLED = Path(__file__).with_name("tuning.json")
 # head dim (96 -> 128); ISTA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) keyed by dtype and width.
 # Each is compiled ahead of time by ``python -m wbdit.kernels.aot`` for sm_80 and sm_90a
 # (benchmarks/RESULTS.md), so every one is known to compile, stay spill-free and fit shared memory
-# before a GPU is lent; the heuristic's own choice is always timed too.
+# before a GPU is lent (left out for spilling under Triton 3.6 on sm_80: MSSA forward 128 x 128 and
+# ISTA 256 x 128 tiles); the heuristic's own choice is always timed too.
 SWEEP: dict[str, dict[str, list[tuple]]] = {
-    "mssa_fwd": {"bfloat16/128": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]},
+    "mssa_fwd": {"bfloat16/128": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 3)]},
     "mssa_bwd": {"bfloat16/128": [(32, 32, 4, 2), (32, 32, 4, 3), (64, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 3)]},
     "ista_fwd": {
         "bfloat16/768": [
             (128, 128, 64, 4, 3),
             (128, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3),
             (128, 128, 64, 8, 4),
             (64, 128, 64, 4, 4),
             (128, 64, 64, 4, 4),

@@ -37,7 +37,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -92,11 +92,9 @@ SPARSE_CODE = {"wbdit": "ISTA output", "dit": "MLP GELU hidden units"}
 # ---------------------------------------------------------------------------- the measures
 
 
-def _logdet_identity_plus_gram(Z: Tensor, c: float) -> Tensor:
-    """logdet(I + c Z Z^T) for Z (..., N, d) in float64, via the smaller Gram matrix; returns (...)."""
-    Z = Z.double()
-    n, d = Z.shape[-2:]
-    gram = Z @ Z.mT if n <= d else Z.mT @ Z  # same non-zero spectrum (Sylvester's determinant identity)
+def _logdet_identity_plus(gram: Tensor, c: float) -> Tensor:
+    """logdet(I + c G) of PSD Gram matrices G (..., m, m) in float64; returns (...)."""
+    gram = gram.double()
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     # I + c G has eigenvalues >= 1: Cholesky cannot fail, and logdet = 2 sum log diag(L).
     chol = torch.linalg.cholesky(eye + c * gram)
@@ -104,9 +102,13 @@ def _logdet_identity_plus_gram(Z: Tensor, c: float) -> Tensor:
 
 
 def coding_rate(Z: Tensor, eps: float = EPS) -> Tensor:
-    """CRATE's coding rate ``R(Z) = 1/2 logdet(I + d/(N eps^2) Z Z^T)`` of tokens Z (..., N, d); (...) float64 nats."""
+    """CRATE's coding rate ``R(Z) = 1/2 logdet(I + d/(N eps^2) Z Z^T)`` of tokens Z (..., N, d); (...) float64 nats.
+
+    The smaller Gram matrix is used (N x N or d x d: the same non-zero spectrum, Sylvester).
+    """
+    Z = Z.double()
     n, d = Z.shape[-2:]
-    return 0.5 * _logdet_identity_plus_gram(Z, d / (n * eps**2))
+    return 0.5 * _logdet_identity_plus(Z @ Z.mT if n <= d else Z.mT @ Z, d / (n * eps**2))
 
 
 def head_bases(U: Tensor, num_heads: int) -> Tensor:
@@ -118,12 +120,14 @@ def head_bases(U: Tensor, num_heads: int) -> Tensor:
 def compression_rate(Z: Tensor, bases: Tensor, eps: float = EPS) -> Tensor:
     """CRATE's ``R^c(Z; U_[K]) = sum_k 1/2 logdet(I + p/(N eps^2) (Z U_k)(Z U_k)^T)``; Z (..., N, d), bases (K, d, p).
 
-    Returns (...) float64 nats.
+    Returns (...) float64 nats. Each head uses the smaller of its N x N and p x p Gram matrices.
     """
+    Z = Z.double()
     n = Z.shape[-2]
-    p = bases.shape[-1]
-    W = torch.einsum("...nd,kdp->...knp", Z.double(), bases.double())  # (..., K, N, p)
-    return 0.5 * _logdet_identity_plus_gram(W, p / (n * eps**2)).sum(-1)
+    K, d, p = bases.shape
+    W = (Z @ bases.double().permute(1, 0, 2).reshape(d, K * p)).unflatten(-1, (K, p))  # (..., N, K, p): one GEMM
+    gram = torch.einsum("...nkp,...nkq->...kpq", W, W) if p <= n else torch.einsum("...nkp,...mkp->...knm", W, W)
+    return 0.5 * _logdet_identity_plus(gram, p / (n * eps**2)).sum(-1)
 
 
 def code_sparsity(A: Tensor) -> dict[str, Tensor]:
@@ -192,19 +196,20 @@ def block_measures(model: GeneDiT, taps: dict[tuple[int, str], Tensor], eps: flo
     arch = arch_name(model)
     out = []
     for i, block in enumerate(model.blocks):
-        d = taps[(i, "before")].shape[-1]
-        before, after = taps[(i, "before")] / math.sqrt(d), taps[(i, "after")] / math.sqrt(d)
+        before, after, code = (taps[(i, k)].double() for k in ("before", "after", "code"))  # float64 once
+        d = before.shape[-1]
+        before, after = before / math.sqrt(d), after / math.sqrt(d)
         m = dict(R_before=coding_rate(before, eps), R_after=coding_rate(after, eps))
-        m.update(code_sparsity(taps[(i, "code")]))
+        m.update(code_sparsity(code))
         if arch == "wbdit":
             bases = head_bases(block.attn.U.weight.detach(), block.attn.num_heads)
             m["Rc_before"] = compression_rate(before, bases, eps)
             m["Rc_after"] = compression_rate(after, bases, eps)
             m["Rc_delta"] = m["Rc_after"] - m["Rc_before"]
-            A = taps[(i, "code")] / math.sqrt(d)
+            A = code / math.sqrt(d)
             lam = block.mlp.lmbda if lmbda is None else lmbda
             m["code_R"], m["code_Rc"] = coding_rate(A, eps), compression_rate(A, bases, eps)
-            m["code_l1"] = A.double().abs().sum((-2, -1))
+            m["code_l1"] = A.abs().sum((-2, -1))
             m["srr"] = m["code_R"] - m["code_Rc"] - lam * m["code_l1"]
         out.append(m)
     return out
@@ -273,8 +278,9 @@ def cells_in_model_space(adata, pre: Preprocessor) -> tuple[Tensor, np.ndarray |
     """An AnnData's cells in a run's model space: (n_cells, n_genes) float32, and label indices or None.
 
     Counts or log-normalized values are detected as in training; the run's genes (``var_names``)
-    must all be present. Labels come from ``obs[pre.label_key]`` when it exists; cell types the
-    run does not know get the null class.
+    must all be present. Labels, (n,) for one label column and (n, K) for K, come from the run's
+    label columns in ``obs`` when any is there (None otherwise); a missing column or a value the
+    run does not know gets that column's null class.
     """
     X = get_matrix(adata, pre.layer)
     logx, _ = log_normalize(X, validate_expression(X, f".layers[{pre.layer!r}]" if pre.layer else ".X"))
@@ -287,9 +293,14 @@ def cells_in_model_space(adata, pre: Preprocessor) -> tuple[Tensor, np.ndarray |
     dense = logx[:, [index[g] for g in pre.var_names]].toarray()
     x = pre.transform(torch.from_numpy(dense.astype(np.float32)))
     labels = None
-    if pre.categories and pre.label_key and pre.label_key in adata.obs:
-        known = {c: k for k, c in enumerate(pre.categories)}
-        labels = np.array([known.get(str(v), len(pre.categories)) for v in adata.obs[pre.label_key]], np.int64)
+    if any(k in adata.obs for k in pre.label_keys):
+        columns = []
+        for key, categories in zip(pre.label_keys, pre.label_categories):
+            known = {c: code for code, c in enumerate(categories)}  # code len(categories): the null class
+            values = adata.obs[key] if key in adata.obs else [None] * adata.n_obs
+            columns.append([known.get(None if v is None else str(v), len(categories)) for v in values])
+        labels = np.asarray(columns, np.int64).T
+        labels = labels[:, 0] if len(pre.label_keys) == 1 else labels
     return x, labels
 
 
@@ -359,7 +370,9 @@ def inspect(
             y = y if keep is None else y[keep]
             conditioning = "cell types"
         else:
-            y, conditioning = torch.full((len(x0),), model.num_classes, dtype=torch.long), "null class"
+            null = torch.tensor(model.label_sizes, dtype=torch.long)  # each label column's null class
+            y = null.expand(len(x0), -1).clone() if isinstance(model.num_classes, list) else null.repeat(len(x0))
+            conditioning = "null class"
     noise = torch.randn(x0.shape, generator=gen)
     was_training = model.training
     model.eval()
@@ -397,9 +410,24 @@ def _nanstd(v: Tensor) -> float:
     return float(v.std()) if len(v) > 1 else 0.0
 
 
-def training_summary(model: GeneDiT, x0: Tensor, labels: np.ndarray | None, diffusion: GaussianDiffusion,
-                     t: int = 5, seed: int = 0) -> dict:
-    """Compact measures for a training log line: t, cells and the (depth, len(t)) grid of each measure."""
-    ins = inspect(model, x0, t=t, n_cells=len(x0), labels=labels, diffusion=diffusion, seed=seed)
-    return dict(t=ins.t, n_cells=ins.n_cells, eps=ins.eps,
-                **{k: [[round(v, 5) for v in row] for row in grid] for k, grid in ins.measures.items()})
+TRAINING_CELLS, TRAINING_LEVELS = 100, 5  # per logged epoch: a few seconds of CPU on the small preset
+
+
+def during_training(cells, n_cells: int = TRAINING_CELLS, t: int | Sequence[int] = TRAINING_LEVELS,
+                    seed: int = 0) -> Callable[[Run], dict]:
+    """An inspector for ``wbdit.train(inspect=...)``: the measures of the EMA model on ``n_cells`` of
+    ``cells`` (an AnnData, e.g. the training or held-out cells) at ``t`` noise levels, as a compact
+    dict for the epoch's log line: ``t``, ``n_cells``, ``eps`` and each measure's (depth, len(t)) grid."""
+    prepared: list = []  # the cells in model space, computed at the first call (the run fixes the genes)
+
+    def inspect_run(run: Run) -> dict:
+        if not prepared:
+            x, labels = cells_in_model_space(cells, run.preprocessor)
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_cells].sort().values
+            prepared.extend([x[keep], None if labels is None else labels[keep.numpy()]])
+        ins = inspect(run.model, prepared[0], t=t, n_cells=n_cells, labels=prepared[1], diffusion=run.diffusion,
+                      seed=seed)
+        return dict(t=ins.t, n_cells=ins.n_cells, eps=ins.eps,
+                    **{k: [[round(v, 5) for v in row] for row in grid] for k, grid in ins.measures.items()})
+
+    return inspect_run

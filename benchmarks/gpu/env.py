@@ -32,9 +32,10 @@ def main() -> None:
             (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
             platform.processor(),
         ),
-        "nvcc": _run("nvcc", "--version").splitlines()[-1:] or ["not found"],
+        "nvcc": (_run("nvcc", "--version").splitlines() or ["not found"])[-1],
         "compute_sanitizer": shutil.which("compute-sanitizer") or "not found",
-        "git": _run("git", "rev-parse", "--short", "HEAD") or "unknown",
+        # The twin passes the repo's revision in; the GPU machine gets the tree without .git.
+        "git": os.environ.get("WBDIT_GIT") or _run("git", "rev-parse", "--short", "HEAD") or "unknown",
     }
     if HAS_CUDA:
         p = torch.cuda.get_device_properties(0)

@@ -82,7 +82,15 @@ def render(rows: list[dict]) -> str:
             f"**Stages** ({total} s in all)\n\n"
             + _table(
                 ["stage", "limit (s)", "took (s)", "status"],
-                [[s["name"], s["limit"], s["seconds"], _status(s["rc"])] for s in stages],
+                [
+                    [
+                        s["name"],
+                        s["limit"],
+                        s["seconds"],
+                        _status(s["rc"]) + (f": `{s['last'][:160]}`" if s["rc"] else ""),
+                    ]
+                    for s in stages
+                ],
             )
         )
 
