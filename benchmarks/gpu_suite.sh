@@ -2,8 +2,9 @@
 # The GPU suite: one call on a lent H200 (torch 2.11 + cu130, Triton 3.6, nvcc 13.0, no internet)
 # of at most 10 minutes that builds, checks and measures every claim, most valuable first:
 #   env          the machine and software versions
-#   setup        wheels the suite needs beyond the machine's packages (from .wheels/, --no-index),
-#                then `pip install --no-build-isolation --no-deps -e .` (the C++/CUDA extension)
+#   setup        wheels the suite needs beyond the machine's packages (from .wheels/, --no-index, into
+#                an overlay on PYTHONPATH), then `pip install --no-build-isolation --no-deps -e .`
+#                (the C++/CUDA extension)
 #   correctness  every CUDA path vs the float64 reference, fp32 + bf16, fwd + bwd, seed + awkward shapes
 #   memcheck     compute-sanitizer memcheck over one small fused WB-DiT forward + backward
 #   ops          per-op speed at the seed shape vs the best alternative, tile sweep -> winners file
@@ -40,7 +41,8 @@ FAILED=0
 
 # GPU stage limits in seconds, most valuable first; they must add up to at most 540 (9 minutes),
 # leaving a minute of the device tool's 10 for the summary and the transfers.
-GPU_STAGES=(env:10 setup:90 correctness:65 memcheck:50 ops:100 train:140 sample:30 tests:50)
+# setup is mostly the extension's build: two compilation units in parallel, the .cu for one arch.
+GPU_STAGES=(env:10 setup:120 correctness:65 memcheck:45 ops:100 train:135 sample:30 tests:30)
 GPU_TESTS="tests/test_mssa.py tests/test_ista.py tests/test_extension.py tests/test_fused_model.py tests/test_tuning.py
   tests/test_model.py"
 BENCH_FILES="benchmarks/test_bench_kernels.py benchmarks/test_bench_training.py benchmarks/test_bench_extension.py"
@@ -89,18 +91,24 @@ check_limits() {
   [ "$total" -le 540 ]
 }
 
-install_wheels() { # the suite's needs beyond the machine's packages, from $WHEELS only
-  local reqs
+install_wheels() { # install_wheels TARGET [DIR...]: wheels.txt's packages from the wheel folders only
+  # (no index), into TARGET, an overlay that goes on PYTHONPATH
+  local target=$1 reqs d links=()
+  shift
   reqs=$(grep -v '^\s*#' benchmarks/gpu/wheels.txt | grep -v '^\s*$' || true)
   if [ -z "$reqs" ]; then
     echo "benchmarks/gpu/wheels.txt lists nothing: the suite needs no package beyond the machine's"
     return 0
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --find-links "$WHEELS" -r benchmarks/gpu/wheels.txt
+  for d in "$WHEELS" "$@"; do links+=(--find-links "$d"); done
+  rm -rf "$target"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$target" "${links[@]}" \
+    -r benchmarks/gpu/wheels.txt || return 1
+  echo "$(wc -l <<<"$reqs") packages from $WHEELS into $target"
 }
 
 gpu_setup() {
-  install_wheels || return 1
+  install_wheels "$SITE" || return 1
   MAX_JOBS=$(nproc) "$PY" -m pip install --no-build-isolation --no-deps -e .
 }
 
@@ -110,14 +118,20 @@ memcheck() {
     return 0
   fi
   command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
-  # --error-exitcode: an error found fails the stage even if the program itself succeeds.
-  compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 "$PY" benchmarks/gpu/memcheck_model.py
+  # --error-exitcode: an error found fails the stage even if the program itself succeeds. Without
+  # torch's caching allocator every tensor is its own allocation, so an access past a tensor's end
+  # is outside any allocation, where memcheck sees it (inside a cached block it would not).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+    "$PY" benchmarks/gpu/memcheck_model.py
 }
 
 gpu_stages() { # gpu_stages PREFIX DRY: the GPU suite's stages (DRY=1: the twin's run, no setup, no tests)
   local prefix=$1 dry=$2 summary
   stage "${prefix}env" "$(limit_of env)" "$PY" benchmarks/gpu/env.py
-  [ "$dry" = 0 ] && stage "${prefix}setup" "$(limit_of setup)" gpu_setup
+  if [ "$dry" = 0 ]; then
+    stage "${prefix}setup" "$(limit_of setup)" gpu_setup
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  fi
   stage "${prefix}correctness" "$(limit_of correctness)" "$PY" benchmarks/gpu/correctness.py
   stage "${prefix}memcheck" "$(limit_of memcheck)" memcheck
   summary=$(grep -m1 "ERROR SUMMARY" <<<"$LAST_STAGE_LOG" || true)
@@ -136,7 +150,7 @@ gpu_stages() { # gpu_stages PREFIX DRY: the GPU suite's stages (DRY=1: the twin'
 
 # ---------------------------------------------------------------------------- the GPU machine
 if [ "$MODE" = gpu ]; then
-  export PY=${PYTHON:-python3}
+  export PY=${PYTHON:-python3} SITE=/tmp/wbdit-site
   unset TRITON_INTERPRET # real GPU kernels, not the CPU interpreter
   check_limits || exit 1
   gpu_stages "" 0
@@ -153,9 +167,11 @@ SRC=$TWIN/src
 DEV_PY=${DEV_PYTHON:-$ROOT/.venv/bin/python} # the dev machines' torch + Triton, for the table beside
 COMPARE=()
 export PY VENV SRC TWIN TWIN_REQS ABSENT NUMPY_INTERP
-# The GPU machine's packages as the device tool's KINDS.md lists them (versions: newest on PyPI,
-# torch pinned), plus what building needs there too (ninja, setuptools, wheel).
-TWIN_REQS="torch==2.11.0 scipy pandas h5py scikit-learn matplotlib tqdm pytest pytest-benchmark numba ninja setuptools>=64 wheel"
+# The GPU machine's packages that the suite's code and wheels.txt's packages use, as the device
+# tool's KINDS.md lists them there (versions: the newest on PyPI, torch pinned), and what building
+# needs there too (ninja, setuptools, wheel).
+TWIN_REQS="torch==2.11.0 scipy pandas h5py scikit-learn matplotlib tqdm pytest pytest-benchmark numba pyyaml ninja
+  setuptools>=64 wheel"
 ABSENT="anndata scanpy ot umap"
 NUMPY_INTERP=2.3.5
 T0=$SECONDS
@@ -164,12 +180,9 @@ export WBDIT_GIT
 WBDIT_GIT="$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)"
 
 twin_venv() {
-  if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.twin-reqs" 2>/dev/null)" = "$TWIN_REQS" ]; then
-    echo "reusing $VENV (same requirements)"
-  else
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" && "$VENV/bin/pip" install -q $TWIN_REQS && echo "$TWIN_REQS" >"$VENV/.twin-reqs"
-  fi
+  # Kept between runs (torch is several GB): an existing venv only gets what is missing.
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || return 1
+  "$VENV/bin/pip" install -q $TWIN_REQS || return 1
   "$VENV/bin/python" - "$ABSENT" <<'EOF'
 import importlib.util, sys
 import torch, triton
@@ -181,18 +194,20 @@ assert not present, f"absent on the GPU machine but importable here: {present}"
 EOF
 }
 
-twin_wheels() { # download what wheels.txt lists for the GPU's Python 3.12 and the twin's, install from it
-  local reqs plat v
-  mkdir -p "$WHEELS"
+twin_wheels() { # wheels.txt for the GPU's Python 3.12 into .wheels (carried), for the twin's own
+  # Python beside it (binary wheels differ; not carried); then install them as the GPU run does
+  local reqs plat py
   reqs=$(grep -v '^\s*#' benchmarks/gpu/wheels.txt | grep -v '^\s*$' || true)
+  plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+  py=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+  rm -rf "$WHEELS" "$TWIN/wheels-twin" && mkdir -p "$WHEELS" "$TWIN/wheels-twin"
   if [ -n "$reqs" ]; then
-    plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-    for v in 3.12 "$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"; do
-      "$VENV/bin/pip" download -q --no-deps --only-binary=:all: --python-version "$v" --implementation cp $plat \
-        -d "$WHEELS" -r benchmarks/gpu/wheels.txt || return 1
-    done
+    "$VENV/bin/pip" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
+      -d "$WHEELS" -r benchmarks/gpu/wheels.txt || return 1
+    "$VENV/bin/pip" download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp $plat \
+      -d "$TWIN/wheels-twin" -r benchmarks/gpu/wheels.txt || return 1
   fi
-  install_wheels
+  install_wheels "$TWIN/site" "$TWIN/wheels-twin"
 }
 
 twin_snapshot() { # the working tree as the device tool sends it: tracked + untracked-not-ignored, + .wheels
@@ -225,7 +240,7 @@ twin_interpreter() { # the kernel tests through Triton 3.6's interpreter
   # machine never interprets, so only this stage runs with an older numpy, from an overlay.
   [ -d "$TWIN/numpy-interp" ] || "$VENV/bin/pip" install -q --no-deps --target "$TWIN/numpy-interp" \
     "numpy==$NUMPY_INTERP" || return 1
-  TRITON_INTERPRET=1 PYTHONPATH=$TWIN/numpy-interp "$PY" -m pytest -q -p no:cacheprovider \
+  TRITON_INTERPRET=1 PYTHONPATH=$TWIN/numpy-interp:$PYTHONPATH "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_mssa.py tests/test_ista.py tests/test_fused_model.py tests/test_tuning.py
 }
 
@@ -244,10 +259,11 @@ EOF
 
 stage twin-venv 900 twin_venv || { echo "no twin venv: nothing else can run"; exit 1; }
 export PY=$VENV/bin/python
-note twin-venv twin what "Twin venv" value "$("$PY" -c 'import platform, torch, triton, numpy, scipy, pandas, sklearn, numba, h5py, matplotlib, pytest; print(f"Python {platform.python_version()} (the GPU machine: 3.12), torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, pandas {pandas.__version__}, scikit-learn {sklearn.__version__}, numba {numba.__version__}, h5py {h5py.__version__}, matplotlib {matplotlib.__version__}, pytest {pytest.__version__}; not installed: anndata, scanpy, POT, umap-learn")')"
+note twin-venv twin what "Twin venv" value "$("$PY" -c 'import platform, torch, triton, numpy, scipy, pandas, sklearn, numba, h5py, matplotlib, pytest; print(f"Python {platform.python_version()} (the GPU machine: 3.12), torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, pandas {pandas.__version__}, scikit-learn {sklearn.__version__}, numba {numba.__version__}, h5py {h5py.__version__}, matplotlib {matplotlib.__version__}, pytest {pytest.__version__}; as on the GPU machine, the venv has no anndata, scanpy, POT or umap-learn (anndata comes from the wheel folder)")')"
 stage twin-wheels 300 twin_wheels
-note twin-wheels twin what "Wheel folder .wheels/ (carried to the GPU machine)" \
-  value "$(find "$WHEELS" -name '*.whl' | wc -l) wheels, $(du -sk "$WHEELS" | cut -f1) KiB"
+export PYTHONPATH=$TWIN/site${PYTHONPATH:+:$PYTHONPATH}
+note twin-wheels twin what "Wheel folder .wheels/ (carried to the GPU machine)" value "$(find "$WHEELS" -name '*.whl' |
+  wc -l) wheels for Python 3.12, $(du -sk "$WHEELS" | awk '{printf "%.1f MiB", $1 / 1024}'): $(cd "$WHEELS" && ls | tr '\n' ' ')"
 stage twin-snapshot 120 twin_snapshot
 stage twin-build 900 twin_build
 cd "$SRC" || exit 1
@@ -269,6 +285,7 @@ stage twin-collect 300 "$PY" -m pytest -q -p no:cacheprovider --collect-only $GP
 note twin-collect pytest what "pytest --collect-only of the GPU tests and benchmarks" \
   summary "$(tail -n 1 <<<"$LAST_STAGE_LOG")"
 gpu_stages gpu- 1
+note twin twin what "GPU stage limits" value "${GPU_STAGES[*]} (seconds; $(check_limits | grep -o '[0-9]*s' | head -1) of at most 540)"
 note twin twin what "Twin total" value "$((SECONDS - T0)) s wall on $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
 cd "$ROOT" || exit 1
 "$PY" benchmarks/gpu/report.py "$RESULTS" --section benchmarks/RESULTS.md --intro "$(date -u '+%Y-%m-%d %H:%M UTC'), \

@@ -315,7 +315,7 @@ def test_sample_label_key_column_is_kept(tmp_path):
 
 
 def test_train_config_overrides():
-    assert TrainConfig().lr == 1e-3 and TrainConfig().epochs == 100  # measured defaults (QUALITY.md)
+    assert TrainConfig().lr == 1e-3 and TrainConfig().epochs is None  # measured defaults (QUALITY.md)
     with pytest.raises(TypeError):
         train(tiny_data(n_cells=8), tiny(), out_dir="unused", learning_rate=1.0)
 

@@ -9,14 +9,27 @@ import pytest
 import torch
 
 from wbdit import datasets
+from wbdit.checkpoint import read_log
+from wbdit.cli import main
+from wbdit.data import write_h5ad
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import DiT, WhiteBoxDiT, modulate
 from wbdit.preprocessing import Preprocessor
 from wbdit.reference import timestep_embedding
 from wbdit.run import Run, TrainConfig
 from wbdit.whitebox import (
-    EPS, block_measures, block_taps, code_sparsity, coding_rate, compression_rate, head_bases,
-    cells_in_model_space, inspect, noise_levels, sparse_rate_reduction, during_training,
+    EPS,
+    block_measures,
+    block_taps,
+    cells_in_model_space,
+    code_sparsity,
+    coding_rate,
+    compression_rate,
+    during_training,
+    head_bases,
+    inspect,
+    noise_levels,
+    sparse_rate_reduction,
 )
 from wbdit.whitebox_report import plot_training_whitebox, write_report
 
@@ -31,7 +44,8 @@ def orthonormal_rows(n: int, d: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("eps", [EPS, 0.1])
 def test_coding_rate_of_orthonormal_tokens(eps):
     n, d = 6, 10  # N < d: the N x N Gram is the identity
-    assert coding_rate(orthonormal_rows(n, d), eps).item() == pytest.approx(n / 2 * math.log(1 + d / (n * eps**2)), rel=1e-12)
+    expect = n / 2 * math.log(1 + d / (n * eps**2))
+    assert coding_rate(orthonormal_rows(n, d), eps).item() == pytest.approx(expect, rel=1e-12)
     # N > d: every basis vector twice, Z^T Z = 2 I_d (the d x d Gram path)
     z = torch.cat([torch.eye(d), torch.eye(d)]).double()
     expect = d / 2 * math.log(1 + d / (2 * d * eps**2) * 2)
@@ -50,7 +64,7 @@ def test_compression_rate_closed_form_and_head_layout():
     d, heads, n = 12, 3, 5
     p = d // heads
     z = torch.eye(d, dtype=torch.float64)[:n]  # tokens e_0..e_4: each lands in exactly one head's coordinates
-    rc = compression_rate(z, head_bases(torch.eye(d), heads))
+    rc = compression_rate(z, head_bases(torch.eye(d), heads))  # orthonormalising I changes nothing
     assert rc.item() == pytest.approx(n / 2 * math.log(1 + p / (n * EPS**2)), rel=1e-12)
     # the heads are the blocks of w = z U^T that MSSA reads (w.view(..., heads, p))
     U = torch.randn(d, d, dtype=torch.float64)
@@ -58,7 +72,12 @@ def test_compression_rate_closed_form_and_head_layout():
     w = (z @ U.T).view(2, n, heads, p)
     direct = sum(0.5 * torch.logdet(torch.eye(n, dtype=torch.float64) + p / (n * EPS**2) * w[:, :, k] @ w[:, :, k].mT)
                  for k in range(heads))
-    torch.testing.assert_close(compression_rate(z, head_bases(U, heads)), direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compression_rate(z, head_bases(U, heads, orthonormal=False)), direct,
+                               rtol=1e-12, atol=1e-12)
+    # orthonormal bases: R^c depends on the heads' subspaces only, not on a rescaling / mixing inside a head
+    mix = torch.block_diag(*[torch.randn(p, p, dtype=torch.float64) + 3 * torch.eye(p) for _ in range(heads)])
+    mixed = compression_rate(z, head_bases(mix @ U, heads))
+    torch.testing.assert_close(mixed, compression_rate(z, head_bases(U, heads)), rtol=1e-10, atol=1e-10)
 
 
 def test_measures_invariant_to_token_order():
@@ -196,3 +215,22 @@ def test_training_curves_from_logged_measures(tmp_path):
     assert plot_training_whitebox(tmp_path)[0].endswith("training_whitebox.png")
     (tmp_path / "log.jsonl").write_text(json.dumps(dict(epoch=1, loss=1.0)) + "\n")
     assert plot_training_whitebox(tmp_path) == []
+
+
+def test_cli_train_inspect_every_inspect_and_report(tmp_path, capsys):
+    data = tmp_path / "cells.h5ad"
+    write_h5ad(datasets.synthetic(n_cells=48, n_genes=25, n_types=3, markers_per_type=5, seed=0), data)
+    out = tmp_path / "run"
+    # --reference: the fast paths would run Triton's interpreter here (TRITON_INTERPRET=1), slow and not under test
+    tiny = ["--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--patch-size", "5"]
+    assert main(["train", str(data), "--label-key", "cell_type", "--out", str(out), "--epochs", "2",
+                 "--batch-size", "16", "--device", "cpu", "--inspect-every", "2", "--reference", *tiny]) == 0
+    log = read_log(out)
+    assert "whitebox" not in log[0] and np.asarray(log[1]["whitebox"]["Rc_delta"]).shape == (2, 5)
+    assert main(["report", str(out)]) == 0
+    assert (out / "training_whitebox.png").exists()
+    assert main(["inspect", str(out), "--data", str(data), "-o", str(tmp_path / "ins"), "--t", "0,999",
+                 "--n-cells", "20"]) == 0
+    doc = json.loads((tmp_path / "ins" / "whitebox.json").read_text())
+    assert doc["models"][0]["t"] == [0, 999] and doc["models"][0]["conditioning"] == "cell types"
+    assert "Rc_after" in capsys.readouterr().out

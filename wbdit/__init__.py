@@ -35,6 +35,7 @@ _LAZY = {
     "train": "wbdit.trainer",
     "sample": "wbdit.sampling",
     "evaluate": "wbdit.evaluation",
+    "inspect": "wbdit.whitebox",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``wbdit`` command line: train, sample, evaluate, report, demo, compare, profile."""
+"""The ``wbdit`` command line: train, sample, evaluate, report, inspect, demo, compare, profile."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from wbdit.distributed import default_device
 from wbdit.errors import MissingKeyError
 from wbdit.model import MODELS, PRESETS, build_model
 from wbdit.preprocessing import GENE_ORDERS, INPUT_KINDS, SCALINGS, label_candidates
-from wbdit.run import LR_SCHEDULES, Run, TrainConfig
+from wbdit.run import LR_SCHEDULES, MIN_EPOCHS, MIN_STEPS, Run, TrainConfig
 from wbdit.sampling import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER
 from wbdit.trainer import DEFAULT_PREDICTION, NONFINITE_PATIENCE
 
@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          ema_decay=args.ema_decay, eval_every=args.eval_every, warmup_steps=args.warmup_steps,
-                         lr_schedule=args.lr_schedule,
+                         lr_schedule=args.lr_schedule, inspect_every=args.inspect_every,
                          checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
                          skip_nonfinite=args.skip_nonfinite)
     evaluator = None
@@ -102,12 +102,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         evaluator = during_training(held_out if held_out is not None else adata,
                                     reference=adata if held_out is not None else None,
                                     n_cells=config.eval_cells, seed=config.seed)
+    inspector = None
+    if args.inspect_every:
+        from wbdit.whitebox import during_training as inspect_during_training
+
+        inspector = inspect_during_training(read_h5ad(args.eval_data) if args.eval_data else adata, seed=config.seed)
     run = train(adata, model, label_key=args.label_key, out_dir=args.out, config=config,
                 diffusion=GaussianDiffusion(schedule=args.schedule, prediction=args.prediction),
                 layer=args.layer, n_top_genes=args.n_top_genes, scaling=args.scaling, gene_order=args.gene_order,
                 input_kind=args.input_kind,
-                resume=args.resume, evaluate=evaluator, device=args.device, fused=not args.reference,
-                compile=args.compile)
+                resume=args.resume, evaluate=evaluator, inspect=inspector, device=args.device,
+                fused=not args.reference, compile=args.compile)
     last = run.history[-1] if run.history else {}
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
         loss = last.get("loss")  # None (null in log.jsonl) when every step of the epoch was skipped
@@ -144,9 +149,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from wbdit.evaluation import plot_training_curves
+    from wbdit.whitebox_report import plot_training_whitebox
 
-    for path in plot_training_curves(args.run):
+    for path in plot_training_curves(args.run) + plot_training_whitebox(args.run):
         print(path)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from wbdit.data import read_h5ad
+    from wbdit.whitebox import inspect
+    from wbdit.whitebox_report import write_report
+
+    cells = read_h5ad(args.data) if args.data else None  # None: the bundled PBMC cells
+    t = [int(s) for s in args.t.split(",")] if args.t else args.levels
+    found = [inspect(run, cells, t=t, n_cells=args.n_cells, eps=args.eps, orthonormal=not args.learned_bases,
+                     seed=args.seed, device=args.device or "cpu") for run in args.run]
+    paths = write_report(found, args.output)
+    print(Path(paths[1]).read_text())
+    print("wrote " + ", ".join(paths))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -230,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=tuple(MODELS), default="wbdit", help="WB-DiT or the DiT baseline")
     t.add_argument("--schedule", choices=SCHEDULES, default="linear")
     t.add_argument("--prediction", choices=PREDICTIONS, default=DEFAULT_PREDICTION)
-    t.add_argument("--epochs", type=_positive_int, default=TrainConfig.epochs)
+    t.add_argument("--epochs", type=_positive_int,
+                   help=f"passes over the cells (default: enough for >= {MIN_STEPS:,} optimizer steps and >= "
+                        f"{MIN_EPOCHS} epochs, whatever the file's size; --max-steps alone sets the length too)")
     t.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
     t.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate (the seed recipe: 1e-4)")
     t.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
@@ -239,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate the EMA model every K epochs (0: never)")
     t.add_argument("--eval-data", help="held-out real cells (.h5ad) to evaluate against (default: the training cells)")
+    t.add_argument("--inspect-every", type=int, default=0, metavar="K",
+                   help="log the white-box measures (coding rate, compression, sparsity per block; 'wbdit inspect') "
+                        "of the EMA model every K epochs on 100 of the --eval-data or training cells (0: never)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps; --resume continues inside the epoch (0: epoch ends only)")
@@ -313,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="plot a run's loss and metrics against epoch, optimizer steps and training time")
     r.add_argument("run", help="run directory")
     r.set_defaults(func=cmd_report)
+
+    i = sub.add_parser("inspect", help="coding rate, compression and sparsity of every block per noise level "
+                       "(JSON, tables, heat maps); several runs side by side", parents=[common])
+    i.add_argument("run", nargs="+", help="run directories (e.g. a WB-DiT and a DiT trained alike)")
+    i.add_argument("-o", "--output", required=True, help="output directory (whitebox.json, whitebox.txt, PNGs)")
+    i.add_argument("--data", help="real cells (.h5ad) on the runs' genes (default: the bundled PBMC cells)")
+    i.add_argument("--n-cells", type=_positive_int, default=500, help="cells used (a seeded random subset)")
+    i.add_argument("--levels", type=_positive_int, default=10, help="noise levels, evenly spaced over 0..T-1")
+    i.add_argument("--t", help="explicit timesteps instead of --levels, comma-separated, e.g. 0,100,500,999")
+    i.add_argument("--eps", type=float, default=0.5, help="coding precision of R and R^c (tokens have unit norm)")
+    i.add_argument("--learned-bases", action="store_true",
+                   help="R^c on U's learned columns instead of orthonormal bases of the heads' subspaces")
+    i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="train on bundled PBMC cells, generate and evaluate (CPU, minutes)",
                        parents=[common])

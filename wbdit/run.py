@@ -5,8 +5,9 @@ returns one and the sampler takes one, so neither imports the other.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,24 @@ from wbdit.model import GeneDiT, build_model
 from wbdit.preprocessing import Preprocessor
 
 LR_SCHEDULES = ("constant", "cosine")
+# The default training length (benchmarks/QUALITY.md, "Training length"): at least MIN_STEPS
+# optimizer steps, where 490 PBMC cells stop improving (450 vs 600 epochs), and at least
+# MIN_EPOCHS passes over the cells, which is what larger datasets need.
+MIN_STEPS = 6750
+MIN_EPOCHS = 10
+
+
+def steps_per_epoch(n_cells: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch: the ragged last batch is dropped, a batch never exceeds the cells."""
+    return max(1, n_cells // max(1, min(batch_size, n_cells)))
+
+
+def default_epochs(n_cells: int, batch_size: int) -> int:
+    """Epochs that train ``n_cells`` cells for at least MIN_STEPS steps of ``batch_size`` and MIN_EPOCHS epochs.
+
+    490 cells at batch 32: 450 epochs (6,750 steps); 100,000 cells: 10 epochs (31,250 steps).
+    """
+    return max(MIN_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch(n_cells, batch_size)))
 
 
 @dataclass
@@ -28,7 +47,7 @@ class TrainConfig:
     thousands of cells (benchmarks/QUALITY.md); the paper's seed recipe is lr 1e-4.
     """
 
-    epochs: int = 100
+    epochs: int | None = None  # None: ``default_epochs`` for the number of cells (``planned``)
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -40,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0
     eval_cells: int = 500
+    inspect_every: int = 0  # log the white-box measures (wbdit.whitebox) every this many epochs (0: never)
     checkpoint_every: int = 0  # also checkpoint every this many steps (0: at epoch ends only)
     max_steps: int = 0  # stop (and checkpoint) after this many steps in all (0: no limit)
     skip_nonfinite: bool = False  # skip steps with a non-finite loss or gradient and train on (else stop)
@@ -49,6 +69,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+    def planned(self, n_cells: int) -> "TrainConfig":
+        """This config with ``epochs`` set if it is None: enough for ``max_steps`` when that is
+        set, else ``default_epochs(n_cells, batch_size)``."""
+        if self.epochs is not None:
+            return self
+        if self.max_steps:
+            return replace(self, epochs=math.ceil(self.max_steps / steps_per_epoch(n_cells, self.batch_size)))
+        return replace(self, epochs=default_epochs(n_cells, self.batch_size))
 
 
 @dataclass

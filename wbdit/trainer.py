@@ -38,7 +38,8 @@ from wbdit.errors import DivergedError
 from wbdit.model import PRESETS, GeneDiT, WhiteBoxDiT, arch_name
 from wbdit.nvtx import nvtx_range
 from wbdit.preprocessing import INPUT_KINDS, Preprocessor
-from wbdit.run import Run, TrainConfig
+from wbdit.progress import Progress
+from wbdit.run import MIN_EPOCHS, MIN_STEPS, Run, TrainConfig
 from wbdit.runlock import RunLockedError, run_lock
 
 DEFAULT_PREDICTION = "v"  # measured better than x0 and epsilon on PBMC (benchmarks/QUALITY.md)
@@ -142,6 +143,7 @@ def train(
     input_kind: str | None = None,
     resume: bool = False,
     evaluate: Evaluator | None = None,
+    inspect: Evaluator | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     hook: TrainHook | None = None,
@@ -161,7 +163,9 @@ def train(
     order). ``input_kind`` overrides what the values are taken for (``wbdit.preprocessing.INPUT_KINDS``;
     default: read from them, and printed). ``evaluate(run)`` is called every ``eval_every``
     epochs on the EMA model
-    (``wbdit.evaluation.during_training``). ``hook`` receives step and epoch callbacks. An
+    (``wbdit.evaluation.during_training``); ``inspect(run)`` likewise every ``inspect_every``
+    epochs, logged under "whitebox" (``wbdit.whitebox.during_training``). ``hook`` receives step
+    and epoch callbacks. An
     ``adata`` opened with ``backed=True`` is preprocessed and read in chunks from its file.
     Under torchrun every process calls this; ``config.batch_size`` is the global batch.
     ``fused`` (default) trains on the fast paths proven equal to the reference (it sets
@@ -176,12 +180,17 @@ def train(
     if config.eval_every and evaluate is None:
         raise ValueError("eval_every > 0 needs an evaluate callback, e.g. "
                          "evaluate=wbdit.evaluation.during_training(adata, held_out)")
+    if config.inspect_every and inspect is None:
+        raise ValueError("inspect_every > 0 needs an inspect callback, e.g. "
+                         "inspect=wbdit.whitebox.during_training(adata)")
     dist = distributed.setup(torch.device(device) if device is not None else distributed.default_device())
     device, out_dir = dist.device, Path(out_dir)
     with _writing(out_dir, dist):  # the lock is held until training ends, however it ends
         diffusion = diffusion or GaussianDiffusion(prediction=DEFAULT_PREDICTION)
         pre, logx, labels = Preprocessor.fit(adata, label_key, layer, n_top_genes, scaling, gene_order,
                                              input_kind=input_kind)
+        auto_length = config.epochs is None
+        config = config.planned(logx.shape[0])  # epochs=None: the default length for this many cells
         if progress and dist.is_main:
             tqdm.write(f"input {f'layer {layer!r}' if layer else '.X'}: {INPUT_KINDS[pre.input_kind]}")
         model = _build(model, pre, config.seed).to(device)
@@ -221,6 +230,12 @@ def train(
         batches = CellBatches(logx, labels, pre, config.batch_size, config.chunk_cells, config.window_chunks)
         size, rows = batches.batch_size, dist.shard(batches.batch_size)
         total_steps = min(config.epochs * len(batches), config.max_steps or config.epochs * len(batches))
+        if progress and dist.is_main:
+            rule = (f" (the default for {logx.shape[0]:,} cells: >= {MIN_STEPS:,} steps and >= {MIN_EPOCHS} epochs)"
+                    if auto_length and not config.max_steps else "")
+            print(f"plan: {total_steps:,} optimizer steps = {config.epochs} epochs of {len(batches)} batches of "
+                  f"{size} cells{rule}", flush=True)
+        bar = Progress(total_steps, state.step, size, enabled=progress and dist.is_main)
         epochs_done, start_epoch = state.epoch, state.epoch
         in_a_row = 0  # non-finite steps just before this one
         for epoch in range(start_epoch, config.epochs):
@@ -231,8 +246,7 @@ def train(
             total, n = state.epoch_loss if epoch == start_epoch else (0.0, 0)
             nonfinite = state.epoch_nonfinite if epoch == start_epoch else 0
             t0, n0 = time.perf_counter(), n
-            it = tqdm(batches.epoch(config.seed, epoch, device, start=first, rows=rows), total=len(batches) - first,
-                      disable=not (progress and dist.is_main), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+            it = batches.epoch(config.seed, epoch, device, start=first, rows=rows)
             b = first  # batches of this epoch done
             for b, (x, y) in enumerate(it, start=first + 1):
                 # Draws for the whole global batch, the same on every rank; each rank keeps its rows.
@@ -258,7 +272,7 @@ def train(
                     nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
                     if in_a_row >= NONFINITE_PATIENCE and not config.skip_nonfinite:
                         raise DivergedError(_diverged(state.step, in_a_row, out_dir, saved_step, config))
-                it.set_postfix(loss=f"{loss.item():.4f}")
+                bar.update(state.step, loss.item())
                 stop = config.max_steps and state.step >= config.max_steps
                 due = config.checkpoint_every and state.step % config.checkpoint_every == 0
                 if b < len(batches) and (stop or due):
@@ -274,14 +288,15 @@ def train(
                           cells_per_s=(n - n0) / dt, nonfinite_steps=nonfinite)
             if config.eval_every and (epoch + 1) % config.eval_every == 0 and dist.is_main:
                 record["eval"] = evaluate(Run(out_dir, ema, pre, diffusion, config, epoch + 1, []))
+            if config.inspect_every and (epoch + 1) % config.inspect_every == 0 and dist.is_main:
+                record["whitebox"] = inspect(Run(out_dir, ema, pre, diffusion, config, epoch + 1, []))
             if hook is not None:
                 hook.on_epoch_end(record)
             checkpoint(epoch + 1, 0, (0.0, 0), 0, record)
             epochs_done = epoch + 1
-            if progress and dist.is_main:
-                skipped = f"  {nonfinite} non-finite steps skipped" if nonfinite else ""
-                tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}  {dt:.1f}s  {record['cells_per_s']:.0f} "
-                           f"cells/s{skipped}")
+            if nonfinite:  # the one bar reports steps; skipped steps are worth a line of their own
+                bar.write(f"epoch {epoch + 1}: {nonfinite} non-finite steps skipped")
+        bar.close()
         return Run(out_dir, ema, pre, diffusion, config, epochs_done, read_log(out_dir))
 
 

@@ -14,9 +14,11 @@ Definitions (CRATE's, written for tokens as rows). One cell's tokens are Z (N, d
     R^c(Z; U_[K])   = sum_k 1/2 logdet(I + p / (N eps^2) (Z U_k)(Z U_k)^T)        (nats)
     SRR(Z)          = R(Z) - R^c(Z; U_[K]) - lambda ||Z||_1
 
-with U_k (d, p) the k-th head's p = d / K columns of the block's shared projection as MSSA
-applies it (``w = Z U^T`` in ``nn.Linear`` terms: U_k = U.weight[k p:(k+1) p].T), used as
-learned (not orthonormalised). Z Z^T is CRATE's Z^T Z for column tokens; each logdet is taken
+with U_k (d, p) an orthonormal basis (CRATE's U_k in O(d, p)) of the k-th head's subspace: the
+span of the p = d / K columns of the block's shared projection as MSSA applies it (``w = Z U^T``
+in ``nn.Linear`` terms: span of U.weight[k p:(k+1) p].T), by QR. So R^c measures the subspaces,
+not the scale U learned; ``orthonormal=False`` uses the learned columns as they are (then R^c
+grows with U's norm and can exceed R). Z Z^T is CRATE's Z^T Z for column tokens; each logdet is taken
 in float64 by Cholesky on the smaller of the two Gram matrices (N x N or d x d: Sylvester).
 
 Which tokens. The residual stream is measured after the model's own LayerNorm (no affine) and
@@ -54,10 +56,12 @@ N_LEVELS = 10  # default number of noise levels, evenly spaced over 0..T-1
 N_CELLS = 500  # default number of cells per inspection
 DEFINITIONS = (
     "Tokens are rows; one cell's tokens Z (N, d). R(Z) = 1/2 logdet(I + d/(N eps^2) Z Z^T); "
-    "R^c(Z; U_[K]) = sum_k 1/2 logdet(I + p/(N eps^2) (Z U_k)(Z U_k)^T), U_k = U.weight[k p:(k+1) p].T of the "
-    "block's MSSA as learned; natural logs (nats). Before/after MSSA: norm1(x)/sqrt(d) and norm2(x + gate1 MSSA)/sqrt(d) "
-    "(unit-norm tokens). Sparse code: ISTA output a (DiT: GELU hidden units); SRR = R(A) - R^c(A) - lambda ||A||_1 "
-    "with A = a/sqrt(d) and lambda the ISTA lambda. Per cell, then mean (and std) over cells."
+    "R^c(Z; U_[K]) = sum_k 1/2 logdet(I + p/(N eps^2) (Z U_k)(Z U_k)^T), U_k an orthonormal basis (QR) of the "
+    "span of U.weight[k p:(k+1) p].T of the block's MSSA (or the learned columns, orthonormal=False); "
+    "natural logs (nats). Before/after MSSA: norm1(x)/sqrt(d) and "
+    "norm2(x + gate1 MSSA)/sqrt(d) (unit-norm tokens). Sparse code: ISTA output a (DiT: GELU hidden units); "
+    "SRR = R(A) - R^c(A) - lambda ||A||_1 with A = a/sqrt(d) and lambda the ISTA lambda. "
+    "Per cell, then mean (and std) over cells."
 )
 
 
@@ -111,10 +115,15 @@ def coding_rate(Z: Tensor, eps: float = EPS) -> Tensor:
     return 0.5 * _logdet_identity_plus(Z @ Z.mT if n <= d else Z.mT @ Z, d / (n * eps**2))
 
 
-def head_bases(U: Tensor, num_heads: int) -> Tensor:
-    """The heads' bases U_k (K, d, p) from a projection weight U (K p, d) applied as ``w = z U^T``."""
+def head_bases(U: Tensor, num_heads: int, orthonormal: bool = True) -> Tensor:
+    """The heads' bases U_k (K, d, p) from a projection weight U (K p, d) applied as ``w = z U^T``.
+
+    ``orthonormal``: an orthonormal basis of each head's column span (reduced QR, float64), else
+    the learned columns themselves.
+    """
     out, d = U.shape
-    return U.reshape(num_heads, out // num_heads, d).mT
+    bases = U.reshape(num_heads, out // num_heads, d).mT
+    return torch.linalg.qr(bases.double()).Q if orthonormal else bases
 
 
 def compression_rate(Z: Tensor, bases: Tensor, eps: float = EPS) -> Tensor:
@@ -191,7 +200,7 @@ def block_taps(model: GeneDiT) -> Iterator[dict[tuple[int, str], Tensor]]:
 
 
 def block_measures(model: GeneDiT, taps: dict[tuple[int, str], Tensor], eps: float = EPS,
-                   lmbda: float | None = None) -> list[dict[str, Tensor]]:
+                   lmbda: float | None = None, orthonormal: bool = True) -> list[dict[str, Tensor]]:
     """Per block, every defined ``MEASURES`` entry as a (B,) float64 tensor of per-cell values."""
     arch = arch_name(model)
     out = []
@@ -202,7 +211,7 @@ def block_measures(model: GeneDiT, taps: dict[tuple[int, str], Tensor], eps: flo
         m = dict(R_before=coding_rate(before, eps), R_after=coding_rate(after, eps))
         m.update(code_sparsity(code))
         if arch == "wbdit":
-            bases = head_bases(block.attn.U.weight.detach(), block.attn.num_heads)
+            bases = head_bases(block.attn.U.weight.detach(), block.attn.num_heads, orthonormal)
             m["Rc_before"] = compression_rate(before, bases, eps)
             m["Rc_after"] = compression_rate(after, bases, eps)
             m["Rc_delta"] = m["Rc_after"] - m["Rc_before"]
@@ -230,6 +239,7 @@ class Inspection:
     n_cells: int
     eps: float
     lmbda: float | None
+    orthonormal: bool
     conditioning: str
     model_config: dict
     seconds: float
@@ -313,6 +323,7 @@ def inspect(
     labels: np.ndarray | Tensor | None = None,
     eps: float = EPS,
     lmbda: float | None = None,
+    orthonormal: bool = True,
     diffusion: GaussianDiffusion | None = None,
     seed: int = 0,
     batch_size: int = 250,
@@ -328,7 +339,9 @@ def inspect(
     cells are used (a seeded random subset); one noise draw per cell is shared by every t.
     A conditional model gets the cells' types where known (``labels`` or the AnnData's label
     column), else the null class. ``diffusion`` defaults to the run's (a bare model: T = 1000
-    linear). Returns an ``Inspection``; ``save_inspections`` writes JSON and heat maps.
+    linear). ``eps``: coding precision; ``lmbda``: the SRR's L1 weight (default the ISTA step's);
+    ``orthonormal``: R^c on orthonormal bases of the heads' subspaces (default) or on U's learned
+    columns. Returns an ``Inspection``; ``wbdit.whitebox_report.write_report`` writes JSON and heat maps.
     """
     start = time.perf_counter()
     if isinstance(run_or_model, (str, os.PathLike)):
@@ -354,7 +367,8 @@ def inspect(
         x0 = torch.as_tensor(cells, dtype=torch.float32)
     else:
         if pre is None:
-            raise ValueError("an AnnData needs a run's preprocessing: pass a Run (or its directory), or model-space cells")
+            raise ValueError("an AnnData needs a run's preprocessing: pass a Run (or its directory), "
+                             "or cells already in model space")
         x0, cell_labels = cells_in_model_space(cells, pre)
         labels = cell_labels if labels is None else labels
     if x0.ndim != 2 or x0.shape[1] != model.n_genes:
@@ -385,7 +399,7 @@ def inspect(
                     xb, nb = x0[a : a + batch_size].to(dev), noise[a : a + batch_size].to(dev)
                     tt = torch.full((len(xb),), level, dtype=torch.long, device=dev)
                     model(diffusion.q_sample(xb, tt, nb), tt, None if y is None else y[a : a + batch_size].to(dev))
-                    chunks.append(block_measures(model, taps, eps, lmbda))
+                    chunks.append(block_measures(model, taps, eps, lmbda, orthonormal))
                     taps.clear()
                 per_t.append([{k: torch.cat([c[b][k] for c in chunks]).cpu() for k in chunks[0][b]}
                               for b in range(len(model.blocks))])
@@ -400,6 +414,7 @@ def inspect(
     lam = None if arch != "wbdit" else (model.blocks[0].mlp.lmbda if lmbda is None else lmbda)
     return Inspection(
         arch=arch, label=label, t=levels, measures=means, spread=spread, n_cells=len(x0), eps=eps, lmbda=lam,
+        orthonormal=orthonormal,
         conditioning=conditioning, model_config=dict(model.config), seconds=time.perf_counter() - start,
         definitions={k: dict(asdict(MEASURES[k]), sparse_code=SPARSE_CODE[arch]) for k in names},
     )

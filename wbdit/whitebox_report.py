@@ -140,5 +140,6 @@ def plot_training_whitebox(run_dir: str | os.PathLike) -> list[str]:
         ax.set(xlabel="epoch", ylabel=f"{name} ({MEASURES[name].unit})", title=MEASURES[name].title)
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"white-box measures during training: mean over t = {t}, {logged[-1][1]['n_cells']} cells", fontsize=10)
+    cells = logged[-1][1]["n_cells"]
+    fig.suptitle(f"white-box measures during training: mean over t = {t}, {cells} cells", fontsize=10)
     return [_save(fig, os.path.join(run_dir, "training_whitebox.png"))]
