@@ -8,11 +8,12 @@ the heuristics choose are exactly the ones whose registers and shared memory get
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from wbdit.ops import triton_interpreting as interpreting  # one definition: the dispatcher's
 
 # Triton's name of each tensor dtype, as used in kernel signatures ("*bf16").
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -38,11 +39,6 @@ def int_arg(value: int) -> str:
     """Triton type of an int32 kernel argument with this value, with the divisibility-by-16 hint
     the JIT would specialize on (``"i32:16"``), so ahead-of-time builds match real launches."""
     return "i32:16" if value % 16 == 0 else "i32"
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on CPU tensors through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def next_pow2(n: int) -> int:

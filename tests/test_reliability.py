@@ -17,8 +17,17 @@ import torch
 
 import wbdit
 from wbdit import datasets
-from wbdit.checkpoint import (BAD, CHECKPOINT, LOG, PREVIOUS, append_log, load_checkpoint, nonfinite_tensors,
-                              read_log, truncate_log)
+from wbdit.checkpoint import (
+    BAD,
+    CHECKPOINT,
+    LOG,
+    PREVIOUS,
+    append_log,
+    load_checkpoint,
+    nonfinite_tensors,
+    read_log,
+    truncate_log,
+)
 from wbdit.cli import main
 from wbdit.data import read_h5ad, write_h5ad
 from wbdit.diffusion import GaussianDiffusion

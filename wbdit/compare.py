@@ -31,6 +31,7 @@ from wbdit.distributed import default_device
 from wbdit.model import PRESETS, build_model
 from wbdit.profiling import PeakMemory, describe_machine
 from wbdit.run import TrainConfig
+from wbdit.tables import format_value
 from wbdit.trainer import train
 
 # name -> (architecture, fused)
@@ -238,10 +239,6 @@ def run_compare(out_dir: str | Path, config: CompareConfig | None = None, device
     return report
 
 
-def _fmt(value, spec: str = ".4g") -> str:
-    return "-" if value is None else format(value, spec) if isinstance(value, (int, float)) else str(value)
-
-
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -279,10 +276,10 @@ def markdown(report: dict) -> str:
         lines.append(_row([
             name, f"{m['params'] / 1e6:.2f} M", f"{s['epoch_time_s']:.2f}",
             f"{s['cells_per_s']:.1f}" if s["cells_per_s"] < 100 else f"{s['cells_per_s']:.0f}",
-            f"{s['peak_mem_bytes'] / MiB:.0f}", f"{s['final_loss']:.4f}", *(_fmt(evals.get(k)) for k in metric_names),
+            f"{s['peak_mem_bytes'] / MiB:.0f}", f"{s['final_loss']:.4f}", *(format_value(evals.get(k)) for k in metric_names),
         ]))
     for name, headline in report.get("baselines", {}).items():  # wbdit.baselines, same cells and evaluator
-        lines.append(_row([f"baseline: {name}", *["-"] * 5, *(_fmt(headline.get(k)) for k in metric_names)]))
+        lines.append(_row([f"baseline: {name}", *["-"] * 5, *(format_value(headline.get(k)) for k in metric_names)]))
     if report["speed_ratios"]:
         lines += ["", "Per-epoch speed ratio (DiT time / WB-DiT time; > 1 means WB-DiT is faster): "
                   + ", ".join(f"{k} = {v:.2f}x" for k, v in report["speed_ratios"].items())]
@@ -297,7 +294,7 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from wbdit.plots import CURVE_METRICS, _save
+    from wbdit.plots import CURVE_METRICS, save_figure
 
     models = report["models"]
     paths = []
@@ -310,7 +307,7 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     ax.set(xlabel="epoch", ylabel="training time per epoch (s)", title=report["machine"]["device"])
     ax.set_ylim(bottom=0)
     ax.legend()
-    paths.append(_save(fig, str(out_dir / "compare_time.png")))
+    paths.append(save_figure(fig, str(out_dir / "compare_time.png")))
 
     metric_names = sorted({k for m in models.values() for r in m["history"] for k, v in (r.get("eval") or {}).items()
                            if isinstance(v, (int, float))})
@@ -331,5 +328,5 @@ def plot(report: dict, out_dir: Path) -> list[str]:
         ax.set(xlabel="epoch", ylabel=label)
         if i == 0:
             ax.legend()
-    paths.append(_save(fig, str(out_dir / "compare_metrics.png")))
+    paths.append(save_figure(fig, str(out_dir / "compare_metrics.png")))
     return paths

@@ -73,6 +73,7 @@ from wbdit.plots import plot_training_curves
 from wbdit.preprocessing import GeneMoments, log_normalize, seurat_dispersions, top_genes, validate_expression
 from wbdit.run import Run
 from wbdit.sampling import sample
+from wbdit.tables import format_value
 from wbdit.utility import UTILITY_FEW, UTILITY_MIN_TEST, UTILITY_MIN_TRAIN, DownstreamUtility
 
 MAX_CELLS_OT = 2000
@@ -379,10 +380,6 @@ def _jsonable(obj):
     return obj
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 @dataclass
 class EvalReport:
     """Result of ``evaluate``: metrics for the generated cells and for the reference points.
@@ -450,7 +447,7 @@ class EvalReport:
                 continue
             if k.startswith("utility") and all(v is None for v in values):
                 continue
-            lines.append(f"{k:<17}{space:<7}{ideal:<7}" + "".join(f"{_fmt(v):>13}" for v in values))
+            lines.append(f"{k:<17}{space:<7}{ideal:<7}" + "".join(f"{format_value(v):>13}" for v in values))
         per_type = self.generated["per_type"]
         floor = (self.floor or {}).get("per_type", {})
         for title, cols in (("distributions", PER_TYPE_COLUMNS), ("biology", PER_TYPE_BIOLOGY)):
@@ -461,7 +458,7 @@ class EvalReport:
             lines += [header, "-" * len(header)]
             for t, m in per_type.items():
                 f = floor.get(t, {})
-                cells = "".join(f"{_fmt(m.get(c)) + (f' [{_fmt(f.get(c))}]' if f else ''):>20}" for c in cols)
+                cells = "".join(f"{format_value(m.get(c)) + (f' [{format_value(f.get(c))}]' if f else ''):>20}" for c in cols)
                 lines.append(f"{t[:21]:<22}{m.get('n_real', 0):>7}{m.get('n_generated', 0):>7}{cells}")
         return "\n".join(lines)
 
@@ -689,7 +686,7 @@ def during_training(real: ad.AnnData, reference: ad.AnnData | None = None, n_cel
 
     def evaluate_run(run: Run) -> dict:
         device = next(run.model.parameters()).device
-        gen = sample(run, n_cells=n_cells, seed=seed, device=device, progress=False)
+        gen = sample(run, n_cells=n_cells, seed=seed, device=device, progress=False, fused=run.model.fused)
         return evaluate(real, gen, label_key=run.preprocessor.label_key, baselines=False,
                         reference=reference).headline()
 

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from wbdit.atomic import atomic_path
+from wbdit.checkpoint import LOG, read_log
 from wbdit.metrics import gene_statistics
 
 REAL_COLOR, GENERATED_COLOR = "#4C72B0", "#DD8452"
@@ -35,7 +36,7 @@ CURVE_METRICS = {  # headline metric -> (axis label, reference line or None)
 CURVE_AXES = {"epoch": "epoch", "step": "optimizer steps", "train_time_s": "training time (s, evaluation excluded)"}
 
 
-def _save(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI)
@@ -77,7 +78,7 @@ def plot_embedding(path: str, real, generated, label_key: str | None, seed: int)
             ax.scatter(eg[mg, 0], eg[mg, 1], s=12, color=color, marker="x", alpha=0.8, linewidths=0.8)
         ax.set(title=f"by {label_key}: o real, x generated", xlabel=f"{method} 1", ylabel=f"{method} 2")
         ax.legend(markerscale=2.5, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title=label_key)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _color(i: int, n: int):
@@ -122,7 +123,7 @@ def plot_histograms(path: str, real, generated, both_counts: bool) -> str:
         ax.hist(b, bins=bins, density=True, histtype="stepfilled", alpha=0.45, color=GENERATED_COLOR, label="generated")
         ax.set(xlabel=xlabel, ylabel="density", title=title)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gene_means(path: str, real, generated) -> str:
@@ -139,7 +140,7 @@ def plot_gene_means(path: str, real, generated) -> str:
         ax.set(xlim=(0, hi), ylim=(0, hi), xlabel=f"real per-gene {name}", ylabel=f"generated per-gene {name}",
                title=f"per-gene {name} (log-normalized)\nPearson {r:.3f}, Spearman {rho:.3f}")
         ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_report(out_dir: str, real, generated, label_key: str | None, both_counts: bool, seed: int) -> list[str]:
@@ -149,23 +150,6 @@ def draw_report(out_dir: str, real, generated, label_key: str | None, both_count
         plot_histograms(os.path.join(out_dir, "histograms.png"), real, generated, both_counts),
         plot_gene_means(os.path.join(out_dir, "gene_means.png"), real, generated),
     ]
-
-
-def _read_log(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no training log; is {os.path.dirname(path) or '.'} "
-                                "a run directory written by 'wbdit train'?")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {number}: not JSON ({exc})") from exc
-    if not records:
-        raise ValueError(f"{path} has no records yet")
-    return records
 
 
 def _with_time(records: list[dict]) -> list[dict]:
@@ -188,7 +172,12 @@ def plot_training_curves(run_dir: str | os.PathLike) -> list[str]:
     where it has one. A resumed run may log an epoch twice: the last record of each epoch wins.
     """
     run_dir = os.fspath(run_dir)
-    by_epoch = {r["epoch"]: r for r in _read_log(os.path.join(run_dir, "log.jsonl"))}
+    if not os.path.isfile(os.path.join(run_dir, LOG)):
+        raise FileNotFoundError(f"{os.path.join(run_dir, LOG)}: no training log; is {run_dir} "
+                                "a run directory written by 'wbdit train'?")
+    by_epoch = {r["epoch"]: r for r in read_log(run_dir)}
+    if not by_epoch:
+        raise ValueError(f"{os.path.join(run_dir, LOG)} has no records yet")
     records = _with_time([by_epoch[e] for e in sorted(by_epoch)])
     axes = [k for k in CURVE_AXES if all(r.get(k) is not None for r in records)]
     marker = "o" if len(records) < 30 else None
@@ -200,7 +189,7 @@ def plot_training_curves(run_dir: str | os.PathLike) -> list[str]:
     ax = fig.add_subplot(1, len(axes) + 1, len(axes) + 1)
     ax.plot([r["epoch"] for r in records], [r.get("cells_per_s", np.nan) for r in records], color=GENERATED_COLOR)
     ax.set(xlabel="epoch", ylabel="cells / s", title="throughput")
-    paths = [_save(fig, os.path.join(run_dir, "training_loss.png"))]
+    paths = [save_figure(fig, os.path.join(run_dir, "training_loss.png"))]
 
     evals = [r for r in records if r.get("eval")]
     shown = [k for k in CURVE_METRICS if any(r["eval"].get(k) is not None for r in evals)]
@@ -216,5 +205,5 @@ def plot_training_curves(run_dir: str | os.PathLike) -> list[str]:
                     ax.axhline(ideal, color="black", lw=1, ls="--", label="ideal")
                     ax.legend(loc="best")
                 ax.set(xlabel=CURVE_AXES[x], ylabel=key, title=label)
-        paths.append(_save(fig, os.path.join(run_dir, "training_metrics.png")))
+        paths.append(save_figure(fig, os.path.join(run_dir, "training_metrics.png")))
     return paths

@@ -26,9 +26,11 @@ def run_lock(out_dir: str | os.PathLike) -> Iterator[None]:
     """Hold the writer lock of ``out_dir`` (created if needed) for the block.
 
     Raises ``RunLockedError`` at once if another process holds it. On a filesystem without
-    locks (some NFS and Lustre mounts) it warns and runs unlocked.
+    locks (some NFS and Lustre mounts) it warns and runs unlocked. A directory it created is
+    removed again if the block leaves it empty.
     """
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK
     fd = _acquire(path)
@@ -42,6 +44,8 @@ def run_lock(out_dir: str | os.PathLike) -> Iterator[None]:
     finally:
         os.unlink(path)  # before unlocking: whoever locks the old file next sees it is gone (_acquire)
         os.close(fd)
+        if created and not any(out_dir.iterdir()):  # a run that failed before writing anything leaves no trace
+            out_dir.rmdir()
 
 
 def _acquire(path: Path) -> int | None:

@@ -30,8 +30,15 @@ from tqdm.auto import tqdm
 
 from wbdit import distributed
 from wbdit.batches import CellBatches
-from wbdit.checkpoint import (CHECKPOINT, PREVIOUS, discard_partial, load_checkpoint, read_log, save_checkpoint,
-                              truncate_log)
+from wbdit.checkpoint import (
+    CHECKPOINT,
+    PREVIOUS,
+    discard_partial,
+    load_checkpoint,
+    read_log,
+    save_checkpoint,
+    truncate_log,
+)
 from wbdit.data import ad
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.errors import DivergedError
