@@ -28,8 +28,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-MODE=gpu
-[ "${1:-}" = "--twin" ] && MODE=twin
+case "${1:-}" in
+"") MODE=gpu ;;
+--twin) MODE=twin ;;
+*) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;; # the usage: this file's opening comment
+esac
+# The GPU run installs into the machine's Python: never on a machine without a GPU (the twin is for that).
+if [ "$MODE" = gpu ] && ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "no GPU here (nvidia-smi finds none): on a CPU machine run bash benchmarks/gpu_suite.sh --twin" >&2
+  exit 2
+fi
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RES=${OUT:-$ROOT/gpu-results/$MODE-$STAMP}
 mkdir -p "$RES"
@@ -285,7 +293,7 @@ stage twin-collect 300 "$PY" -m pytest -q -p no:cacheprovider --collect-only $GP
 note twin-collect pytest what "pytest --collect-only of the GPU tests and benchmarks" \
   summary "$(tail -n 1 <<<"$LAST_STAGE_LOG")"
 gpu_stages gpu- 1
-note twin twin what "GPU stage limits" value "${GPU_STAGES[*]} (seconds; $(check_limits | grep -o '[0-9]*s' | head -1) of at most 540)"
+note twin twin what "GPU stage limits" value "${GPU_STAGES[*]} (seconds; $(check_limits | grep -o '[0-9]\+s' | head -1) of at most 540)"
 note twin twin what "Twin total" value "$((SECONDS - T0)) s wall on $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
 cd "$ROOT" || exit 1
 "$PY" benchmarks/gpu/report.py "$RESULTS" --section benchmarks/RESULTS.md --intro "$(date -u '+%Y-%m-%d %H:%M UTC'), \

@@ -1,7 +1,9 @@
-"""``train(compile=True)``: the fused model under torch.compile as one graph agrees with eager training.
+"""``train(compile=...)``: the fused model under torch.compile as one graph agrees with eager training.
 
-One tiny run each way (compiling takes tens of seconds on 2 cores; the timing is in
-benchmarks/RESULTS.md, not here).
+The backend here is aot_eager: the same graph capture (fullgraph: a graph break fails) and
+AOT autograd through the custom ops as inductor, without inductor's C++ build, which took
+6 minutes for this tiny run on a busy 2-core machine. Inductor itself is checked against
+eager, with its timing, by benchmarks/test_bench_training.py (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -16,17 +18,16 @@ from wbdit.trainer import train
 def test_compiled_training_matches_eager(tmp_path):
     adata = datasets.synthetic(n_cells=48, n_genes=25, n_types=3, markers_per_type=5, seed=0)
     runs = {}
-    for compile in (False, True):
+    for compile in (False, "aot_eager"):
         torch._dynamo.reset()
         runs[compile] = train(
             adata, lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, patch_size=10, hidden_size=32, depth=1,
                                             num_heads=2),
             label_key="cell_type", out_dir=tmp_path / str(compile), epochs=1, batch_size=16, lr=3e-3,
             diffusion=GaussianDiffusion(num_timesteps=100), device="cpu", progress=False, compile=compile)
-    eager, compiled = runs[False], runs[True]
+    eager, compiled = runs[False], runs["aot_eager"]
     assert compiled.model.fused and not isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule)
-    # Three AdamW steps from the same draws: the loss and the EMA weights agree to fp32 rounding
-    # (inductor reorders the elementwise sums).
+    # Three AdamW steps from the same draws: the loss and the EMA weights agree to fp32 rounding.
     assert abs(compiled.history[0]["loss"] - eager.history[0]["loss"]) < 1e-5
     for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

@@ -19,7 +19,9 @@ from wbdit.sampling import plan_labels, sample
 from wbdit.trainer import train
 
 M = 5  # marker genes per type and per batch
-TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4"]
+# Reference ops: these tests are about conditioning, and without a GPU the fused kernels run in
+# the Triton interpreter (conftest), far too slowly for training.
+TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4", "--reference"]
 GROUPS = {"type_0": slice(0, M), "type_1": slice(M, 2 * M), "batch_0": slice(2 * M, 3 * M),
           "batch_1": slice(3 * M, 4 * M)}  # datasets.synthetic's marker genes, types first
 COMBOS = [(t, b) for t in ("type_0", "type_1") for b in ("batch_0", "batch_1")]
@@ -47,7 +49,7 @@ def run_dir(data_file, tmp_path_factory):
 
 
 def cli_sample(run_dir, out, *args) -> int:
-    return main(["sample", str(run_dir), "-o", str(out), "--steps", "20", "--device", "cpu", *args])
+    return main(["sample", str(run_dir), "-o", str(out), "--steps", "20", "--device", "cpu", "--reference", *args])
 
 
 # ---------------------------------------------------------------- end to end
@@ -155,7 +157,7 @@ def test_each_column_is_dropped_on_its_own_during_training(tmp_path):
     model.register_forward_pre_hook(lambda module, args: seen.append(args[2].clone()))  # (x_t, t, y)
     a = two_attributes(n_cells=128)
     run = train(a, model, label_key=["cell_type", "batch"], out_dir=tmp_path / "r", epochs=3, batch_size=64, label_dropout=0.5,
-                device="cpu", progress=False)
+                device="cpu", progress=False, fused=False)
     null = torch.cat(seen) == 2  # both columns have 2 classes: null class 2
     assert null.shape == (6 * 64, 2)
     assert abs(null[:, 0].float().mean() - 0.5) < 0.1 and abs(null[:, 1].float().mean() - 0.5) < 0.1
@@ -261,7 +263,8 @@ def test_a_one_label_run_of_the_earlier_layout_still_loads_and_samples(tmp_path)
     a = two_attributes(n_cells=48)
     run = train(a, lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, patch_size=4, hidden_size=16, depth=1,
                                             num_heads=2),
-                label_key="cell_type", out_dir=tmp_path / "r", epochs=1, batch_size=16, device="cpu", progress=False)
+                label_key="cell_type", out_dir=tmp_path / "r", epochs=1, batch_size=16, device="cpu", progress=False,
+                fused=False)
     assert run.model.num_classes == 2 and run.preprocessor.num_classes == 2
     ckpt = load_checkpoint(tmp_path / "r")
     pre = ckpt["preprocessor"]
@@ -271,5 +274,5 @@ def test_a_one_label_run_of_the_earlier_layout_still_loads_and_samples(tmp_path)
     save_checkpoint(tmp_path / "r", {**ckpt, "preprocessor": old})  # what format-1 runs before several labels hold
     loaded = Run.load(tmp_path / "r")
     assert loaded.preprocessor == run.preprocessor and loaded.preprocessor.label_key == "cell_type"
-    gen = sample(loaded, cell_types={"type_1": 3}, steps=2, cfg_scale=1.5, device="cpu", progress=False)
+    gen = sample(loaded, cell_types={"type_1": 3}, steps=2, cfg_scale=1.5, device="cpu", progress=False, fused=False)
     assert list(gen.obs["cell_type"]) == ["type_1"] * 3 and float(gen.uns["wbdit"]["cfg_scale"]) == 1.5

@@ -244,6 +244,8 @@ def test_reference_fits_the_pca_and_the_floor_splits_real():
     # without a reference: one PCA per comparison, fit on both of its sides
     joint = evaluate(held_out, gen, label_key="cell_type", baselines=False)
     assert joint.settings["space"] == "joint" and joint._pca.n_samples_ == 80 + 60
+    with pytest.raises(ValueError, match="needs reference"):
+        evaluate(held_out, gen, space="reference")
     assert report.generated == evaluate(held_out, gen, label_key="cell_type", reference=train,
                                         baselines=False).generated
     assert report.settings["w_cells"] == 40  # min(n_real // 2, n_generated)

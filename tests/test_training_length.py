@@ -11,7 +11,7 @@ from wbdit.data import write_h5ad
 from wbdit.progress import Progress, duration
 from wbdit.run import TrainConfig, default_epochs
 
-TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "10"]
+TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "10", "--reference"]
 
 
 @pytest.mark.parametrize("n_cells, batch, epochs", [

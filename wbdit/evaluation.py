@@ -458,7 +458,8 @@ class EvalReport:
             lines += [header, "-" * len(header)]
             for t, m in per_type.items():
                 f = floor.get(t, {})
-                cells = "".join(f"{format_value(m.get(c)) + (f' [{format_value(f.get(c))}]' if f else ''):>20}" for c in cols)
+                cells = "".join(f"{format_value(m.get(c)) + (f' [{format_value(f.get(c))}]' if f else ''):>20}"
+                                for c in cols)
                 lines.append(f"{t[:21]:<22}{m.get('n_real', 0):>7}{m.get('n_generated', 0):>7}{cells}")
         return "\n".join(lines)
 

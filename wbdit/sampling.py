@@ -191,7 +191,8 @@ def sample(
     adata.uns["wbdit"] = dict(
         arch=arch_name(model), model_config={k: v for k, v in model.config.items() if v is not None},
         epoch=run.epoch, sampler=sampler, steps=run.diffusion.num_timesteps if sampler == "ddpm" else steps,
-        eta=eta, cfg_scale=scales if isinstance(scales, float) else dict(zip(pre.label_keys, scales)),
+        eta=eta, cfg_scale=scales if isinstance(scales, float) and len(pre.label_keys) < 2 else dict(
+            zip(pre.label_keys, [scales] * len(pre.label_keys) if isinstance(scales, float) else scales)),
         guidance=guidance, cfg_interval=None if cfg_interval is None else list(cfg_interval), seed=seed,
         X="counts" if counts else SPACE,
         prediction=run.diffusion.prediction, scaling=pre.scaling,

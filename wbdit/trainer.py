@@ -155,7 +155,7 @@ def train(
     progress: bool = True,
     hook: TrainHook | None = None,
     fused: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     **overrides,
 ) -> Run:
     """Train ``model`` on ``adata`` and return the ``Run`` (also written to ``out_dir``).
@@ -177,8 +177,8 @@ def train(
     Under torchrun every process calls this; ``config.batch_size`` is the global batch.
     ``fused`` (default) trains on the fast paths proven equal to the reference (it sets
     ``model.fused``; False: the reference). ``compile=True`` runs the training forward under
-    ``torch.compile`` as one graph (custom ops included; a graph break is an error); the
-    checkpoint and the EMA model stay the plain module.
+    ``torch.compile`` as one graph (custom ops included; a graph break is an error), a string
+    names the backend (default inductor); the checkpoint and the EMA model stay the plain module.
     Raises ``RunLockedError`` at once if another process is writing ``out_dir``, and
     ``DivergedError`` after ``NONFINITE_PATIENCE`` non-finite steps in a row (the checkpoints
     in ``out_dir`` are then those of the last good steps), unless ``skip_nonfinite=True``.
@@ -204,7 +204,8 @@ def train(
         model.fused = fused
         net = dist.wrap(model)  # DistributedDataParallel over ranks: rank 0's weights everywhere
         if compile:  # fixed batch shapes (ragged last batches are dropped): no dynamic shapes
-            net = torch.compile(net, fullgraph=True, dynamic=False)
+            net = torch.compile(net, fullgraph=True, dynamic=False,
+                                backend="inductor" if compile is True else compile)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         gen = torch.Generator(device=device).manual_seed(config.seed)

@@ -132,9 +132,9 @@ def plot_training_whitebox(run_dir: str | os.PathLike) -> list[str]:
         points = [(e, np.asarray(w[name], dtype=np.float64)) for e, w in logged if name in w]
         depth = points[-1][1].shape[0]
         for b in range(depth):
+            color = colormaps["viridis"](0.8 * b / max(depth - 1, 1))  # 0.8: not the pale yellow end
             ax.plot([e for e, _ in points], [np.nanmean(g[b]) if g.shape[0] > b else np.nan for _, g in points],
-                    marker="o" if len(points) < 30 else None, color=colormaps["viridis"](b / max(depth - 1, 1)),
-                    label=f"block {b + 1}")
+                    marker="o" if len(points) < 30 else None, color=color, label=f"block {b + 1}")
         if name in DIVERGING:
             ax.axhline(0.0, color="black", lw=1, ls="--")
         ax.set(xlabel="epoch", ylabel=f"{name} ({MEASURES[name].unit})", title=MEASURES[name].title)

@@ -284,7 +284,6 @@ def main() -> int:
                 skip(f"{kernel} {key} sweep: heuristic + {len(configs)} alternatives")
         skip("per-op speed: mssa, ista, patch_embed, timestep_embedding vs alternatives")
         return 0
-    torch.backends.cuda.matmul.allow_tf32 = True  # as training runs: only fp32 GEMMs are affected
     winners = Winners(os.environ.get("TUNING_OUT"))
     ok = True
     for part in (lambda: mssa_stage(winners), lambda: ista_stage(winners), extension_stage):
