@@ -50,7 +50,7 @@ FAILED=0
 # GPU stage limits in seconds, most valuable first; they must add up to at most 540 (9 minutes),
 # leaving a minute of the device tool's 10 for the summary and the transfers.
 # setup is mostly the extension's build: two compilation units in parallel, the .cu for one arch.
-GPU_STAGES=(env:10 setup:120 correctness:65 memcheck:45 ops:100 train:135 sample:30 tests:30)
+GPU_STAGES=(env:20 setup:120 correctness:65 memcheck:40 ops:100 train:135 sample:30 tests:25)
 GPU_TESTS="tests/test_mssa.py tests/test_ista.py tests/test_extension.py tests/test_fused_model.py tests/test_tuning.py
   tests/test_model.py"
 BENCH_FILES="benchmarks/test_bench_kernels.py benchmarks/test_bench_training.py benchmarks/test_bench_extension.py"

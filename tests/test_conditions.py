@@ -127,7 +127,8 @@ def test_one_guided_step_is_the_formula_on_the_models_outputs(guidance):
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.05)
     d, y, w = GaussianDiffusion(100), torch.tensor([[0, 2], [1, 0], [1, 1]]), (2.0, 0.5)
-    out = d.sample(model, 3, 12, y=y, steps=1, cfg_scale=w, guidance=guidance, generator=torch.Generator().manual_seed(0))
+    out = d.sample(model, 3, 12, y=y, steps=1, cfg_scale=w, guidance=guidance,
+                   generator=torch.Generator().manual_seed(0))
     x_T, t = torch.randn(3, 12, generator=torch.Generator().manual_seed(0)), torch.full((3,), 99)
     c = lambda keep: model(x_T, t, model.drop_labels(y, ~torch.tensor(keep)))  # noqa: E731
     u = c([False, False])
@@ -156,7 +157,8 @@ def test_each_column_is_dropped_on_its_own_during_training(tmp_path):
     model = WhiteBoxDiT(n_genes=40, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=[2, 2])
     model.register_forward_pre_hook(lambda module, args: seen.append(args[2].clone()))  # (x_t, t, y)
     a = two_attributes(n_cells=128)
-    run = train(a, model, label_key=["cell_type", "batch"], out_dir=tmp_path / "r", epochs=3, batch_size=64, label_dropout=0.5,
+    run = train(a, model, label_key=["cell_type", "batch"], out_dir=tmp_path / "r", epochs=3, batch_size=64,
+                label_dropout=0.5,
                 device="cpu", progress=False, fused=False)
     null = torch.cat(seen) == 2  # both columns have 2 classes: null class 2
     assert null.shape == (6 * 64, 2)
@@ -185,7 +187,8 @@ def test_model_config_one_table_per_column():
 
 
 def test_training_without_label_key_suggests_label_columns(data_file, tmp_path, capsys):
-    obs = pd.DataFrame({"cell_type": ["a", "b"] * 50, "n_counts": np.arange(100.0), "barcode": [str(i) for i in range(100)]})
+    obs = pd.DataFrame({"cell_type": ["a", "b"] * 50, "n_counts": np.arange(100.0),
+                        "barcode": [str(i) for i in range(100)]})
     assert label_candidates(obs) == {"cell_type": 2}  # numbers and per-cell ids are not labels
     assert main(["train", str(data_file), "--out", str(tmp_path / "u"), "--epochs", "1", "--device", "cpu", *TINY]) == 0
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A new module must be placed here: an unplaced module fails the test.
 LAYERS = {
     "core": ["reference", "ops", "fastpaths", "extension", "kernels", "model", "diffusion", "checkpoint", "nvtx",
-             "atomic", "distributed", "errors", "extras", "tuning", "runlock", "tables"],
+             "atomic", "distributed", "errors", "extras", "tuning", "runlock", "tables", "progress"],
     "data": ["data", "preprocessing", "batches", "datasets", "run"],
     "training": ["trainer", "sampling"],
     "evaluation": ["metrics", "evaluation", "plots", "whitebox", "whitebox_report", "baselines", "markers", "utility"],

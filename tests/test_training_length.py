@@ -16,8 +16,8 @@ TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size
 
 @pytest.mark.parametrize("n_cells, batch, epochs", [
     (490, 32, 450),  # 70% of the bundled PBMC cells: the demo's 6,750 steps
-    (20000, 32, 11),  # 625 steps an epoch: 6,875 steps
-    (100000, 32, 10),  # large: ten passes
+    (20000, 32, 16),  # 625 steps an epoch: 10,000 steps
+    (100000, 32, 16),  # large: 16 passes
     (48, 64, 6750),  # fewer cells than a batch: one step an epoch
 ])
 def test_default_epochs(n_cells, batch, epochs):
@@ -32,6 +32,7 @@ def test_epochs_and_max_steps_override_the_default():
 
 def test_cli_default_run_prints_its_plan_and_reports_progress_in_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("wbdit.run.MIN_STEPS", 20)
+    monkeypatch.setattr("wbdit.run.MIN_EPOCHS", 10)
     write_h5ad(datasets.synthetic(n_cells=48, n_genes=25, n_types=3, markers_per_type=5), tmp_path / "cells.h5ad")
     assert main(["train", str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "r"), "--batch-size", "16",
                  "--label-key", "cell_type", "--device", "cpu", *TINY]) == 0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import wbdit
 from wbdit import datasets
 from wbdit.checkpoint import read_log
 from wbdit.cli import main
@@ -185,6 +186,7 @@ def test_inspect_and_report_side_by_side(tmp_path):
     assert (np.asarray(dit.measures["zero_frac"]) == 0).all()  # GELU units are never exactly zero
     again = inspect(model, cells, t=3, n_cells=20, batch_size=20)
     np.testing.assert_allclose(again.grid("srr"), wb.grid("srr"), rtol=1e-5)  # batching does not matter
+    assert wbdit.inspect is inspect  # the package-level name
     paths = write_report([wb, dit], tmp_path)
     assert {p.rsplit("/", 1)[-1] for p in paths} == {
         "whitebox.json", "whitebox.txt", "whitebox_coding_rate.png", "whitebox_sparsity.png"}

@@ -6,13 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-from wbdit.diffusion import DEFAULT_STEPS, GUIDANCES, PREDICTIONS, SAMPLERS, SCHEDULES
+from wbdit.diffusion import (DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, GUIDANCES,
+                             PREDICTIONS, SAMPLERS, SCHEDULES)
 from wbdit.distributed import default_device
 from wbdit.errors import MissingKeyError
 from wbdit.model import MODELS, PRESETS, build_model
 from wbdit.preprocessing import GENE_ORDERS, INPUT_KINDS, SCALINGS, label_candidates
 from wbdit.run import LR_SCHEDULES, MIN_EPOCHS, MIN_STEPS, Run, TrainConfig
-from wbdit.sampling import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER
 from wbdit.trainer import DEFAULT_PREDICTION, NONFINITE_PATIENCE
 
 
@@ -127,8 +127,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     scales = args.cfg_scale or []
     base = next((w for column, w in reversed(scales) if column is None), None)  # the last bare SCALE
     per_column = {column: w for column, w in scales if column is not None}
-    cfg_scale = {**dict.fromkeys(run.preprocessor.label_keys, DEFAULT_CFG_SCALE if base is None else base),
-                 **per_column} if per_column else base  # None: sample()'s default
+    # None: sample()'s default, which also holds for the columns that per_column does not name
+    cfg_scale = base if not per_column else per_column if base is None else {
+        **dict.fromkeys(run.preprocessor.label_keys, base), **per_column}
     gen = sample(run, n_cells=args.n_cells, cell_types=dict(args.cell_type) if args.cell_type else None,
                  conditions=args.condition or (), like=read_h5ad(args.like) if args.like else None,
                  allow_unseen=args.allow_unseen, guidance=args.guidance,
@@ -163,7 +164,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     cells = read_h5ad(args.data) if args.data else None  # None: the bundled PBMC cells
     t = [int(s) for s in args.t.split(",")] if args.t else args.levels
     found = [inspect(run, cells, t=t, n_cells=args.n_cells, eps=args.eps, orthonormal=not args.learned_bases,
-                     seed=args.seed, device=args.device or "cpu") for run in args.run]
+                     seed=args.seed, device=args.device or default_device()) for run in args.run]
     paths = write_report(found, args.output)
     print(Path(paths[1]).read_text())
     print("wrote " + ", ".join(paths))

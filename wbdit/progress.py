@@ -37,7 +37,8 @@ class Progress:
         self.t0 = time.perf_counter()
         self.next_line = min(done + FIRST_LINE_STEPS, total)
         terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total, initial=done, unit="step", file=self.stream, dynamic_ncols=True) if terminal else None
+        self.bar = tqdm(total=total, initial=done, unit="step", file=self.stream, dynamic_ncols=True) if terminal \
+            else None
 
     def update(self, step: int, loss: float) -> None:
         if not self.enabled:
@@ -48,9 +49,9 @@ class Progress:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss {loss:.4f}, {rate * self.cells:.0f} cells/s", refresh=False)
         elif step >= self.next_line:
-            left = (self.total - step) / rate if rate > 0 else float("nan")
+            eta = duration((self.total - step) / rate) if rate > 0 else "?"
             print(f"step {step:,}/{self.total:,} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  "
-                  f"{rate * self.cells:.0f} cells/s  elapsed {duration(elapsed)}  ETA {duration(left) if rate else '?'}",
+                  f"{rate * self.cells:.0f} cells/s  elapsed {duration(elapsed)}  ETA {eta}",
                   file=self.stream, flush=True)
             every = max(1, round(LINE_EVERY * self.total))
             self.next_line = min(self.total, (step // every + 1) * every)

@@ -20,10 +20,10 @@ from wbdit.preprocessing import Preprocessor
 
 LR_SCHEDULES = ("constant", "cosine")
 # The default training length (benchmarks/QUALITY.md, "Training length"): at least MIN_STEPS
-# optimizer steps, where 490 PBMC cells stop improving (450 vs 600 epochs), and at least
-# MIN_EPOCHS passes over the cells, which is what larger datasets need.
+# optimizer steps, where 491 PBMC cells stop improving (450 vs 600 epochs), and at least
+# MIN_EPOCHS passes over the cells, where 20,000 simulated cells were best (10 epochs: worse).
 MIN_STEPS = 6750
-MIN_EPOCHS = 10
+MIN_EPOCHS = 16
 
 
 def steps_per_epoch(n_cells: int, batch_size: int) -> int:
@@ -34,7 +34,8 @@ def steps_per_epoch(n_cells: int, batch_size: int) -> int:
 def default_epochs(n_cells: int, batch_size: int) -> int:
     """Epochs that train ``n_cells`` cells for at least MIN_STEPS steps of ``batch_size`` and MIN_EPOCHS epochs.
 
-    490 cells at batch 32: 450 epochs (6,750 steps); 100,000 cells: 10 epochs (31,250 steps).
+    490 cells at batch 32: 450 epochs (6,750 steps); from 13,500 cells on, 16 epochs (20,000
+    cells: 10,000 steps).
     """
     return max(MIN_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch(n_cells, batch_size)))
 

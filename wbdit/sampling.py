@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from wbdit.data import ad, sp
-from wbdit.diffusion import DEFAULT_STEPS, guidance_terms
+from wbdit.diffusion import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, guidance_terms
 from wbdit.distributed import default_device
 from wbdit.errors import InputError, MissingKeyError
 from wbdit.model import arch_name
@@ -23,16 +23,9 @@ from wbdit.run import Run
 SPACE = "log1p(normalize_total(counts, 1e4))"
 DEFAULT_CELLS = 1000  # without requests or a template
 Condition = tuple[dict[str, str], int]  # (label value per named column, number of cells)
-
-# Sampling defaults: the measured best on the demo model (benchmarks/RESULTS.md, "Sampling"):
-# quality within run-to-run noise of DDIM-50 with guidance 1.5 at every step, at a fraction of
-# the model calls. Guidance applies only to conditional runs, and only where t / T lies in
-# the interval, so most steps cost one forward pass instead of two.
-DEFAULT_SAMPLER = "dpm++2m"
-DEFAULT_CFG_SCALE = 1.5
-DEFAULT_CFG_INTERVAL = (0.0, 1.0)
-# Cells per batch by device type: on a CPU a batch whose activations stay in cache runs faster
-# than a large one; a GPU wants large batches to fill it.
+# Cells per batch by device type. CPU: measured (benchmarks/RESULTS.md, "Sampling"), a batch
+# whose activations stay in cache runs faster than a large one. CUDA: not measured yet, large
+# enough to fill a GPU with the small preset.
 BATCH_SIZES = {"cpu": 256, "cuda": 4096}
 
 
@@ -102,14 +95,15 @@ def unseen(pre: Preprocessor, labels: np.ndarray) -> np.ndarray:
 
 
 def column_scales(pre: Preprocessor, cfg_scale: float | dict[str, float]) -> float | list[float]:
-    """The guidance scale, or one per label column from ``{column: scale}`` (columns not named: 1.0)."""
+    """The guidance scale, or one per label column from ``{column: scale}`` (columns not named:
+    ``DEFAULT_CFG_SCALE``)."""
     if not isinstance(cfg_scale, dict):
         return float(cfg_scale)
     for key in cfg_scale:
         if key not in pre.label_keys:
             raise MissingKeyError(f"cfg_scale names {key!r}, not a label column of the run; its label columns: "
                                   f"{pre.label_keys}")
-    return [float(cfg_scale.get(key, 1.0)) for key in pre.label_keys]
+    return [float(cfg_scale.get(key, DEFAULT_CFG_SCALE)) for key in pre.label_keys]
 
 
 def sample(
@@ -146,7 +140,7 @@ def sample(
     to make, one generated cell per template cell with that cell's label values, its ``obs``
     copied and obs_names ``"<template cell>-twin"``. Combinations never seen in training are
     refused unless ``allow_unseen``. ``cfg_scale``: one guidance scale, or ``{column: scale}``
-    (columns not named: 1.0), combined over columns as ``guidance`` says
+    (columns not named: ``DEFAULT_CFG_SCALE``), combined over columns as ``guidance`` says
     (``wbdit.diffusion.guidance_terms``). ``counts=True`` (a run trained on counts) turns each
     profile into integer counts at a library size drawn log-normal per cell type as fitted on
     the training data (``counts_on_lattice``); the log-normalized values then sit in
@@ -207,14 +201,16 @@ def _cells(
     """Class indices per generated cell (``plan_labels``'s shape) and the generated cells' obs."""
     if like is not None:
         if n_cells is not None or cell_types or conditions:
-            raise InputError("like= makes one cell per template cell: give it without n_cells, cell types or conditions")
+            raise InputError("like= makes one cell per template cell: give it without n_cells, cell types or "
+                             "conditions")
         codes = pre.encode(like.obs, "the template's obs") if pre.label_keys else None
         bad = unseen(pre, codes) if codes is not None and not allow_unseen else np.zeros(like.n_obs, bool)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{int(bad.sum())} template cells hold label combinations never seen in training, e.g. "
-                             f"{describe(pre, dict(enumerate(codes[first].tolist())))} (cell {like.obs_names[first]!r}); "
-                             "pass allow_unseen=True (--allow-unseen) to generate them anyway")
+            raise InputError(f"{int(bad.sum())} template cells hold label combinations never seen in training, "
+                             f"e.g. {describe(pre, dict(enumerate(codes[first].tolist())))} (cell "
+                             f"{like.obs_names[first]!r}); pass allow_unseen=True (--allow-unseen) to generate them "
+                             "anyway")
         obs = like.obs.copy()
         obs.index = pd.Index([f"{name}-twin" for name in like.obs_names])
         return (None if codes is None else codes[:, 0] if codes.shape[1] == 1 else codes), obs

@@ -164,7 +164,8 @@ def train(
     ``config.seed``) once the preprocessing fixed the gene count, or None for a "small"
     WhiteBoxDiT. ``label_key``: the obs column to condition on, or several (``["cell_type",
     "donor"]``: one embedding table each, ``num_classes`` a list; each column is dropped to its
-    null class on its own with probability ``label_dropout``). Keyword ``overrides`` set ``TrainConfig`` fields (``epochs=5, lr=3e-4``...).
+    null class on its own with probability ``label_dropout``). Keyword ``overrides`` set
+    ``TrainConfig`` fields (``epochs=5, lr=3e-4``...).
     ``resume=True`` continues the run in ``out_dir`` exactly where its last checkpoint stopped.
     ``gene_order="cluster"`` puts correlated genes in the same patch ("input" keeps the file's
     order). ``input_kind`` overrides what the values are taken for (``wbdit.preprocessing.INPUT_KINDS``;

@@ -5,7 +5,7 @@ cells, per block and noise level, with the definitions), ``whitebox.txt`` (the s
 tables) and two PNG heat maps (block x t, one column per model, one colour scale per measure
 shared by the models): ``whitebox_coding_rate.png`` and ``whitebox_sparsity.png``.
 ``plot_training_whitebox`` draws the measures logged by ``wbdit train --inspect-every``.
-Figures are drawn as in ``wbdit.plots``: ``matplotlib.figure.Figure``, saved atomically.
+Figures are drawn as in ``wbdit.plots``: ``matplotlib.figure.Figure``, saved by ``plots.save_figure``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from wbdit.atomic import atomic_path
 from wbdit.checkpoint import read_log
-from wbdit.plots import DPI
+from wbdit.plots import save_figure
 from wbdit.whitebox import DEFINITIONS, MEASURES, Inspection
 
 JSON_NAME, TEXT_NAME = "whitebox.json", "whitebox.txt"
@@ -28,13 +28,6 @@ SPARSITY_MAPS = ("zero_frac", "nonpositive_frac", "l1_l2", "hoyer", "srr")
 DIVERGING = ("Rc_delta",)  # drawn around 0
 TRAINING_CURVES = ("R_after", "Rc_after", "Rc_delta", "zero_frac", "hoyer", "srr")
 ARCH_NAMES = {"wbdit": "WB-DiT", "dit": "DiT"}
-
-
-def _save(fig: Figure, path: str) -> str:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI)
-    return path
 
 
 def _limits(grids: list[np.ndarray], diverging: bool) -> tuple[float, float]:
@@ -88,7 +81,7 @@ def draw_heatmaps(path: str, inspections: Sequence[Inspection], names: Sequence[
             cbar.set_label(measure.unit, fontsize=8)
             cbar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(inspections: Sequence[Inspection], out_dir: str | os.PathLike) -> list[str]:
@@ -142,4 +135,4 @@ def plot_training_whitebox(run_dir: str | os.PathLike) -> list[str]:
         ax.legend(fontsize=8, loc="best")
     cells = logged[-1][1]["n_cells"]
     fig.suptitle(f"white-box measures during training: mean over t = {t}, {cells} cells", fontsize=10)
-    return [_save(fig, os.path.join(run_dir, "training_whitebox.png"))]
+    return [save_figure(fig, os.path.join(run_dir, "training_whitebox.png"))]
