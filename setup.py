@@ -2,6 +2,7 @@
 
 The package metadata (dependencies, extras, packages: wbdit and the Triton kernels as
 wbdit.kernels) lives in pyproject.toml."""
+
 import glob
 import os
 import shutil

@@ -12,6 +12,7 @@ held-out cells: reported as the floor). One JSON line per setting on stdout
 
     python benchmarks/guidance.py --out /tmp/guidance
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,15 @@ from wbdit.evaluation import evaluate
 from wbdit.sampling import sample
 from wbdit.trainer import train
 
-SETTINGS = [("joint", 1.0), ("joint", 1.5), ("compositional", 1.5), ("joint", 2.0), ("compositional", 2.0),
-            ("joint", {"cell_type": 1.5, "batch": 1.0}), ("compositional", {"cell_type": 1.5, "batch": 1.0})]
+SETTINGS = [
+    ("joint", 1.0),
+    ("joint", 1.5),
+    ("compositional", 1.5),
+    ("joint", 2.0),
+    ("compositional", 2.0),
+    ("joint", {"cell_type": 1.5, "batch": 1.0}),
+    ("compositional", {"cell_type": 1.5, "batch": 1.0}),
+]
 
 
 def markers_ok(adata, n_types: int, n_batches: int, m: int) -> float:
@@ -54,33 +62,66 @@ def main() -> None:
     p.add_argument("--out", required=True, help="run directory")
     args = p.parse_args()
     torch.set_num_threads(1)  # shared 2-core machines: one thread avoids OpenMP spin-waiting
-    adata = datasets.synthetic(n_cells=args.cells, n_genes=args.genes, n_types=args.types,
-                               markers_per_type=args.markers, n_batches=args.batches, seed=0)
+    adata = datasets.synthetic(
+        n_cells=args.cells,
+        n_genes=args.genes,
+        n_types=args.types,
+        markers_per_type=args.markers,
+        n_batches=args.batches,
+        seed=0,
+    )
     adata.obs["combination"] = (adata.obs["cell_type"].astype(str) + "|" + adata.obs["batch"].astype(str)).astype(
-        "category")
+        "category"
+    )
     train_idx, test_idx = split_cells(adata, "combination", 0.3, seed=0)
     real_train, held_out = adata[train_idx].copy(), adata[test_idx].copy()
     t0 = time.perf_counter()
-    run = train(real_train, label_key=["cell_type", "batch"], out_dir=args.out, max_steps=args.steps, device="cpu",
-                progress=False)
-    print(json.dumps(dict(n_train=real_train.n_obs, n_held_out=held_out.n_obs, steps=args.steps,
-                          train_s=time.perf_counter() - t0,
-                          real_markers_ok=markers_ok(held_out, args.types, args.batches, args.markers))), flush=True)
+    run = train(
+        real_train,
+        label_key=["cell_type", "batch"],
+        out_dir=args.out,
+        max_steps=args.steps,
+        device="cpu",
+        progress=False,
+    )
+    print(
+        json.dumps(
+            dict(
+                n_train=real_train.n_obs,
+                n_held_out=held_out.n_obs,
+                steps=args.steps,
+                train_s=time.perf_counter() - t0,
+                real_markers_ok=markers_ok(held_out, args.types, args.batches, args.markers),
+            )
+        ),
+        flush=True,
+    )
     wanted = held_out.obs.groupby(["cell_type", "batch"], observed=True).size()
     conditions = [({"cell_type": t, "batch": b}, int(n)) for (t, b), n in wanted.items()]
     for guidance, scale in SETTINGS:
         t0 = time.perf_counter()
-        gen = sample(run, conditions=conditions, cfg_scale=scale, guidance=guidance, seed=0, device="cpu",
-                     progress=False)
+        gen = sample(
+            run, conditions=conditions, cfg_scale=scale, guidance=guidance, seed=0, device="cpu", progress=False
+        )
         sample_s = time.perf_counter() - t0
         gen.obs["combination"] = (gen.obs["cell_type"].astype(str) + "|" + gen.obs["batch"].astype(str)).astype(
-            "category")
+            "category"
+        )
         report = evaluate(held_out, gen, label_key="combination", reference=real_train, baselines=False)
         per = report.generated["per_type"]
-        print(json.dumps(dict(guidance=guidance, cfg_scale=scale, sample_s=sample_s,
-                              markers_ok=markers_ok(gen, args.types, args.batches, args.markers),
-                              knn_auc_worst_combination=max(v.get("knn_auc") or 0 for v in per.values()),
-                              **report.headline())), flush=True)
+        print(
+            json.dumps(
+                dict(
+                    guidance=guidance,
+                    cfg_scale=scale,
+                    sample_s=sample_s,
+                    markers_ok=markers_ok(gen, args.types, args.batches, args.markers),
+                    knn_auc_worst_combination=max(v.get("knn_auc") or 0 for v in per.values()),
+                    **report.headline(),
+                )
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ on a shared machine OpenMP spin-waits make multi-threaded tiny steps erratic). W
 ``--repeats K`` each size runs K children: the table keeps the best throughputs and startup
 (contention only slows) and the largest peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,8 @@ def run_child(path: str, steps: int, batch_size: int, threads: int) -> dict:
 
     import wbdit
     from wbdit.batches import CHUNK_CELLS, WINDOW_CHUNKS, CellBatches
-    from wbdit.model import WhiteBoxDiT
     from wbdit.data import H5Matrix
+    from wbdit.model import WhiteBoxDiT
     from wbdit.preprocessing import LogRows, encode_labels
     from wbdit.trainer import TrainHook
 
@@ -89,14 +90,25 @@ def run_child(path: str, steps: int, batch_size: int, threads: int) -> dict:
     t0 = time.perf_counter()
     adata = wbdit.read_h5ad(path, backed=True)
     with tempfile.TemporaryDirectory() as out:
-        run = wbdit.train(adata, lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **MODEL), label_key="cell_type",
-                          out_dir=out, epochs=1, max_steps=steps, batch_size=batch_size, progress=False,
-                          device="cpu", hook=clock)
+        run = wbdit.train(
+            adata,
+            lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **MODEL),
+            label_key="cell_type",
+            out_dir=out,
+            epochs=1,
+            max_steps=steps,
+            batch_size=batch_size,
+            progress=False,
+            device="cpu",
+            hook=clock,
+        )
     (wall0, cpu0), (wall1, cpu1) = clock.ends[WARMUP_STEPS - 1], clock.ends[-1]
     trained = (steps - WARMUP_STEPS) * batch_size
 
     labels, _ = encode_labels(adata, "cell_type")
-    batches = CellBatches(LogRows(H5Matrix(adata.filename), run.preprocessor.input_kind, None), labels, run.preprocessor, batch_size)
+    batches = CellBatches(
+        LogRows(H5Matrix(adata.filename), run.preprocessor.input_kind, None), labels, run.preprocessor, batch_size
+    )
     n_load = min(len(batches), 3 * CHUNK_CELLS * WINDOW_CHUNKS // batch_size)
     t1, c1 = time.perf_counter(), time.process_time()
     for _, _ in zip(range(n_load), batches.epoch(0, 1, "cpu")):
@@ -105,11 +117,19 @@ def run_child(path: str, steps: int, batch_size: int, threads: int) -> dict:
     with open("/proc/self/status") as status:
         hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     return dict(
-        n_cells=adata.n_obs, n_genes=adata.n_vars, file_gb=os.path.getsize(path) / 1e9, steps=steps,
-        batch_size=batch_size, threads=threads, startup_s=clock.ends[0][0] - t0,
-        train_cells_per_s=trained / (wall1 - wall0), train_cells_per_cpu_s=trained / (cpu1 - cpu0),
-        load_cells_per_s=n_load * batch_size / load_s, load_cells_per_cpu_s=n_load * batch_size / load_cpu_s,
-        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, vm_hwm_gib=hwm / 2**20,
+        n_cells=adata.n_obs,
+        n_genes=adata.n_vars,
+        file_gb=os.path.getsize(path) / 1e9,
+        steps=steps,
+        batch_size=batch_size,
+        threads=threads,
+        startup_s=clock.ends[0][0] - t0,
+        train_cells_per_s=trained / (wall1 - wall0),
+        train_cells_per_cpu_s=trained / (cpu1 - cpu0),
+        load_cells_per_s=n_load * batch_size / load_s,
+        load_cells_per_cpu_s=n_load * batch_size / load_cpu_s,
+        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        vm_hwm_gib=hwm / 2**20,
     )
 
 
@@ -126,12 +146,16 @@ def best(runs: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| cells | file (GB) | startup: streamed fit + first step (s) | train cells/s (per CPU-s) "
-            "| loader cells/s (per CPU-s) | peak RSS (GiB) |\n|---|---|---|---|---|---|\n")
+    head = (
+        "| cells | file (GB) | startup: streamed fit + first step (s) | train cells/s (per CPU-s) "
+        "| loader cells/s (per CPU-s) | peak RSS (GiB) |\n|---|---|---|---|---|---|\n"
+    )
     return head + "".join(
         f"| {r['n_cells']:,} | {r['file_gb']:.2f} | {r['startup_s']:.0f} "
         f"| {r['train_cells_per_s']:.0f} ({r['train_cells_per_cpu_s']:.0f}) "
-        f"| {r['load_cells_per_s']:.0f} ({r['load_cells_per_cpu_s']:.0f}) | {r['peak_rss_gib']:.2f} |\n" for r in rows)
+        f"| {r['load_cells_per_s']:.0f} ({r['load_cells_per_cpu_s']:.0f}) | {r['peak_rss_gib']:.2f} |\n"
+        for r in rows
+    )
 
 
 def main() -> None:
@@ -156,8 +180,13 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         runs = []
         for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, __file__, "_run", path, str(args.steps), str(args.batch_size),
-                                  str(args.threads)], capture_output=True, text=True, env=env, check=False)
+            out = subprocess.run(
+                [sys.executable, __file__, "_run", path, str(args.steps), str(args.batch_size), str(args.threads)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
             if out.returncode != 0:
                 sys.exit(f"{n} cells: the training child failed:\n{out.stderr[-3000:]}")
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -19,36 +19,53 @@ Reusable: ``train_step_fn``, ``step_flops``, ``fp32_peak_gflops``, ``interleaved
 ``sampling_pass`` (``GaussianDiffusion.sample`` with the default sampler settings, model calls
 counted; it needs only the torch-only core, not anndata).
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import time
 from typing import Callable
 
-import torch
-from torch.utils import flop_counter
+# Before torch loads OpenMP (wbdit/__init__.py says why): spinning threads on a shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from wbdit import ops
-from wbdit.diffusion import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, GaussianDiffusion
-from wbdit.model import PRESETS, build_model
-from wbdit.trainer import train_step
+import torch  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
 
-VARIANTS = {"wbdit-ref": ("wbdit", False), "wbdit-fused": ("wbdit", True), "dit-ref": ("dit", False),
-            "dit-fused": ("dit", True)}  # as wbdit.compare.VARIANTS, without importing the evaluation layer
+from wbdit import ops  # noqa: E402
+from wbdit.diffusion import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, GaussianDiffusion  # noqa: E402
+from wbdit.model import PRESETS, build_model  # noqa: E402
+from wbdit.trainer import train_step  # noqa: E402
+
+VARIANTS = {
+    "wbdit-ref": ("wbdit", False),
+    "wbdit-fused": ("wbdit", True),
+    "dit-ref": ("dit", False),
+    "dit-fused": ("dit", True),
+}  # as wbdit.compare.VARIANTS, without importing the evaluation layer
 NUM_CLASSES = 10
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def train_step_fn(arch: str, fused: bool, preset: str = "seed", n_genes: int = 2000, batch: int = 16,
-                  device: str = "cpu", compile: bool = False, seed: int = 0) -> tuple[Callable[[], torch.Tensor], dict]:
+def train_step_fn(
+    arch: str,
+    fused: bool,
+    preset: str = "seed",
+    n_genes: int = 2000,
+    batch: int = 16,
+    device: str = "cpu",
+    compile: bool = False,
+    seed: int = 0,
+) -> tuple[Callable[[], torch.Tensor], dict]:
     """A closure running one trainer step on a fixed batch (B, n_genes) with 10 classes, and its info.
 
     ``compile``: the model under ``torch.compile(fullgraph=True, dynamic=False)``, as
@@ -59,6 +76,7 @@ def train_step_fn(arch: str, fused: bool, preset: str = "seed", n_genes: int = 2
     torch.manual_seed(seed)
     model = build_model(arch, n_genes=n_genes, num_classes=NUM_CLASSES, fused=fused, **PRESETS[preset]).to(dev)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ops.available()  # import the fast backends before compiling, as wbdit.train does
     net = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = GaussianDiffusion()
@@ -68,8 +86,8 @@ def train_step_fn(arch: str, fused: bool, preset: str = "seed", n_genes: int = 2
     t, noise = diffusion.draw_t_noise(batch, n_genes, g, dev)  # the same draws every step and variant
 
     def step() -> torch.Tensor:
-        loss = train_step(net, opt, diffusion, x, y, g, grad_clip=1.0, ema=ema, ema_decay=0.999, t=t, noise=noise)
-        _sync(dev)
+        loss, _ = train_step(net, opt, diffusion, x, y, g, grad_clip=1.0, ema=ema, ema_decay=0.999, t=t, noise=noise)
+        sync(dev)
         return loss
 
     return step, dict(params=sum(p.numel() for p in model.parameters()))
@@ -84,14 +102,17 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
 
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA runs here.
-flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
-                                   get_raw=False)(_sdpa_cpu_flops)
-flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
-                                   get_raw=False)(_sdpa_cpu_backward_flops)
+flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=False)(
+    _sdpa_cpu_flops
+)
+flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=False)(
+    _sdpa_cpu_backward_flops
+)
 
 
-def step_flops(arch: str, fused: bool, preset: str = "seed", n_genes: int = 2000, batch: int = 16,
-               device: str = "cpu") -> int:
+def step_flops(
+    arch: str, fused: bool, preset: str = "seed", n_genes: int = 2000, batch: int = 16, device: str = "cpu"
+) -> int:
     """FLOPs of one training forward + backward as executed (matrix products and attention).
 
     The fused WB-DiT counts its cheaper ISTA (one GEMM per token, DESIGN.md) and its attention as
@@ -107,19 +128,23 @@ def step_flops(arch: str, fused: bool, preset: str = "seed", n_genes: int = 2000
     return counter.get_total_flops()
 
 
-def fp32_peak_gflops(device: str = "cpu", n: int = 4096, repeats: int = 5) -> float:
-    """Best GFLOP/s of an (n x n) @ (n x n) fp32 product on this device and torch's threads."""
+def peak_matmul_fn(device: str = "cpu", n: int = 4096) -> tuple[Callable[[], None], int]:
+    """A closure running one (n x n) @ (n x n) fp32 product (synchronized), and its FLOPs: the
+    best rate the BLAS reaches on this device and torch's threads, the "peak" a step is put against."""
     dev = torch.device(device)
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    torch.mm(a, b)
-    _sync(dev)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def matmul() -> None:
         torch.mm(a, b)
-        _sync(dev)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        sync(dev)
+
+    return matmul, 2 * n**3
+
+
+def fp32_peak_gflops(device: str = "cpu", n: int = 4096, repeats: int = 5) -> float:
+    """Best GFLOP/s of ``peak_matmul_fn`` over ``repeats`` calls after one warm-up."""
+    matmul, flops = peak_matmul_fn(device, n)
+    return flops / min(interleaved({"mm": matmul}, repeats)["mm"]) / 1e9
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -152,20 +177,35 @@ class _CountingModel(torch.nn.Module):
         return self.forward_fn(x, t, y)
 
 
-def sampling_pass(model: torch.nn.Module, diffusion: GaussianDiffusion, n_cells: int, batch_size: int,
-                  device: str = "cpu", compile: bool = False, seed: int = 0, **settings) -> dict:
+def sampler_settings(**overrides) -> dict:
+    """``GaussianDiffusion.sample`` keywords: ``wbdit.sample``'s default sampler, guidance scale and
+    interval (steps: the sampler's default), with ``overrides``."""
+    return dict(
+        dict(sampler=DEFAULT_SAMPLER, cfg_scale=DEFAULT_CFG_SCALE, cfg_interval=DEFAULT_CFG_INTERVAL), **overrides
+    )
+
+
+def sampling_pass(
+    model: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    n_cells: int,
+    batch_size: int,
+    device: str = "cpu",
+    compile: bool = False,
+    seed: int = 0,
+    **settings,
+) -> dict:
     """Generate ``n_cells`` cells of a conditional ``model`` (random labels) in batches; time it.
 
-    ``settings`` are ``GaussianDiffusion.sample``'s keywords; by default the sampler, steps and
-    guidance of ``wbdit.sample`` (DEFAULT_SAMPLER, its DEFAULT_STEPS, DEFAULT_CFG_SCALE on
-    DEFAULT_CFG_INTERVAL). ``compile``: the model under ``torch.compile(dynamic=False)`` (guided
+    ``settings`` override ``sampler_settings()``, the sampler, steps and guidance of
+    ``wbdit.sample``. ``compile``: the model under ``torch.compile(dynamic=False)`` (guided
     steps double the batch: one more graph), timed after a warm-up pass that compiles.
     Returns seconds, cells/s and model calls per cell.
     """
     dev = torch.device(device)
-    settings = dict(dict(sampler=DEFAULT_SAMPLER, cfg_scale=DEFAULT_CFG_SCALE, cfg_interval=DEFAULT_CFG_INTERVAL),
-                    **settings)
+    settings = sampler_settings(**settings)
     model = model.to(dev).eval()
+    ops.available()  # import the fast backends before compiling, as wbdit.train does
     counted = _CountingModel(model, torch.compile(model, dynamic=False) if compile else model)
     g = torch.Generator(device=dev).manual_seed(seed)
     y = torch.randint(0, model.num_classes, (n_cells,), device=dev, generator=g)
@@ -174,7 +214,7 @@ def sampling_pass(model: torch.nn.Module, diffusion: GaussianDiffusion, n_cells:
         for start in range(0, cells, batch_size):
             n = min(batch_size, cells - start)
             diffusion.sample(counted, n, model.n_genes, y=y[start : start + n], generator=g, device=dev, **settings)
-        _sync(dev)
+        sync(dev)
 
     with torch.inference_mode():
         warm = time.perf_counter()
@@ -184,10 +224,17 @@ def sampling_pass(model: torch.nn.Module, diffusion: GaussianDiffusion, n_cells:
         start, cpu = time.perf_counter(), time.process_time()
         run(n_cells)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return dict(seconds=seconds, cpu_seconds=cpu, cells_per_s=n_cells / seconds, warmup_s=warm,
-                model_calls_per_cell=counted.rows / n_cells, batch_size=batch_size, compiled=compile,
-                implementations=ops.report(), **{k: v for k, v in settings.items() if k != "cfg_interval"},
-                cfg_interval=settings["cfg_interval"])
+    return dict(
+        seconds=seconds,
+        cpu_seconds=cpu,
+        cells_per_s=n_cells / seconds,
+        warmup_s=warm,
+        model_calls_per_cell=counted.rows / n_cells,
+        batch_size=batch_size,
+        compiled=compile,
+        implementations=ops.report(),
+        **settings,
+    )
 
 
 def _summary(xs: list[float]) -> str:
@@ -195,8 +242,8 @@ def _summary(xs: list[float]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    peak = fp32_peak_gflops()
-    fns, flops = {}, {}
+    matmul, matmul_flops = peak_matmul_fn()
+    fns, flops = {"peak": matmul}, {"peak": matmul_flops}  # the peak is measured in every round too
     for name, (arch, fused) in VARIANTS.items():
         fns[name] = train_step_fn(arch, fused, batch=args.batch)[0]
         flops[name] = step_flops(arch, fused, batch=args.batch)
@@ -207,26 +254,41 @@ def cmd_train(args: argparse.Namespace) -> None:
             step, _ = train_step_fn(arch, fused, batch=args.batch, compile=True)
             start = time.perf_counter()
             loss = step()  # compiles forward and backward
-            compiled[name] = dict(compile_s=time.perf_counter() - start, first_loss=float(loss),
-                                  eager_first_loss=float(train_step_fn(arch, fused, batch=args.batch)[0]()))
+            compiled[name] = dict(
+                compile_s=time.perf_counter() - start,
+                first_loss=float(loss),
+                eager_first_loss=float(train_step_fn(arch, fused, batch=args.batch)[0]()),
+            )
             fns[name + "-compiled"] = step
             flops[name + "-compiled"] = flops[name]
     times = interleaved(fns, args.rounds)
-    print(f"CPU, seed configuration, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
-          f"fp32 peak (4096^3 matmul, best of 5): {peak:.0f} GFLOP/s; {args.rounds} rounds in turn")
-    print("| variant | step s (min / median) | GFLOP per step | GFLOP/s (median) | of peak |")
+    peaks = [matmul_flops / s / 1e9 for s in times["peak"]]
+    print(
+        f"CPU, seed configuration, batch {args.batch}, fp32, {torch.get_num_threads()} threads; {args.rounds} "
+        f"rounds in turn; fp32 peak = a 4096^3 matmul in each round: {_summary(peaks)} GFLOP/s"
+    )
+    print("| variant | step s (min / median) | GFLOP per step | GFLOP/s (median) | of the round's peak (median) |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
+        if name == "peak":
+            continue
         rate = flops[name] / statistics.median(ts) / 1e9
-        print(f"| {name} | {_summary(ts)} | {flops[name] / 1e9:.1f} | {rate:.0f} | {rate / peak:.0%} |")
-    for num, den in (("dit-ref", "wbdit-fused"), ("dit-fused", "wbdit-fused"), ("wbdit-ref", "wbdit-fused"),
-                     *((n, n + "-compiled") for n in compiled)):
+        of_peak = statistics.median((flops[name] / s) / (matmul_flops / p) for s, p in zip(ts, times["peak"]))
+        print(f"| {name} | {_summary(ts)} | {flops[name] / 1e9:.1f} | {rate:.0f} | {of_peak:.0%} |")
+    for num, den in (
+        ("dit-ref", "wbdit-fused"),
+        ("dit-fused", "wbdit-fused"),
+        ("wbdit-ref", "wbdit-fused"),
+        *((n, n + "-compiled") for n in compiled),
+    ):
         ratios = [a / b for a, b in zip(times[num], times[den])]
         print(f"{num} / {den}: {_summary(ratios)} (round by round)")
     for name, info in compiled.items():
-        print(f"{name} compiled: compile {info['compile_s']:.0f} s; first loss {info['first_loss']:.6f} "
-              f"vs eager {info['eager_first_loss']:.6f}")
-    print(json.dumps(dict(peak_gflops=peak, flops=flops, times=times, compiled=compiled, implementations=ops.report())))
+        print(
+            f"{name} compiled: compile {info['compile_s']:.0f} s; first loss {info['first_loss']:.6f} "
+            f"vs eager {info['eager_first_loss']:.6f}"
+        )
+    print(json.dumps(dict(flops=flops, times=times, compiled=compiled, implementations=ops.report())))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -235,15 +297,32 @@ def cmd_sample(args: argparse.Namespace) -> None:
     kw = {}
     for item in args.settings:
         key, _, value = item.partition("=")
-        kw[key] = tuple(float(v) for v in value.split(",")) if key == "cfg_interval" else \
-            value if key in ("sampler", "guidance") else float(value) if key in ("cfg_scale", "eta") else int(value)
+        kw[key] = (
+            tuple(float(v) for v in value.split(","))
+            if key == "cfg_interval"
+            else value
+            if key in ("sampler", "guidance")
+            else float(value)
+            if key in ("cfg_scale", "eta")
+            else int(value)
+        )
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     adata = sample(args.run, n_cells=args.cells, progress=False, **kw)
     end = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - start
     cpu = end.ru_utime - usage.ru_utime + end.ru_stime - usage.ru_stime
-    print(json.dumps(dict(cells=adata.n_obs, wall_s=wall, cpu_s=cpu, threads=torch.get_num_threads(),
-                          settings=adata.uns["wbdit"], implementations=ops.report())))
+    print(
+        json.dumps(
+            dict(
+                cells=adata.n_obs,
+                wall_s=wall,
+                cpu_s=cpu,
+                threads=torch.get_num_threads(),
+                settings=adata.uns["wbdit"],
+                implementations=ops.report(),
+            )
+        )
+    )
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ so each table holds the reference and the extension side by side. CUDA cases ski
 on CUDA every timed call ends with a synchronize, so the time is the kernels', not the launch's.
 The fwd+bwd cases train like the model does: W and bias need gradients, the gene vector x does not.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,10 +15,19 @@ from wbdit import extension, reference
 
 B, G, P, H = 256, 2000, 10, 768
 N = -(-G // P)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() and extension.has_cuda()), reason="needs a GPU and a CUDA build of wbdit._C"))]
-IMPLS = {"reference": (reference.patch_embed, reference.timestep_embedding),
-         "extension": (extension.patch_embed, extension.timestep_embedding)}
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and extension.has_cuda()), reason="needs a GPU and a CUDA build of wbdit._C"
+        ),
+    ),
+]
+IMPLS = {
+    "reference": (reference.patch_embed, reference.timestep_embedding),
+    "extension": (extension.patch_embed, extension.timestep_embedding),
+}
 
 
 def _sync(device: str) -> None:

@@ -19,6 +19,7 @@ CRATE's form takes three GEMMs per row, the two-GEMM form two, the one-GEMM path
 2 H^3 for B) and the implementation that ran, so each time can be read against the roofline:
 TFLOP/s = flops / mean / 1e12.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ the file (``LogRows``: read, log-normalize, shuffle, densify) against the in-mem
 The full-size run (100k / 300k / 1M cells, peak RSS, training cells/s) is
 ``benchmarks/scale.py``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,8 @@ import torch
 
 from wbdit.batches import CellBatches
 from wbdit.data import read_h5ad
-from wbdit.preprocessing import Preprocessor
 from wbdit.datasets import write_synthetic_h5ad
+from wbdit.preprocessing import Preprocessor
 
 CELLS, GENES, BATCH = 12_000, 2000, 256
 WINDOW = dict(chunk_cells=1024, window_chunks=4)

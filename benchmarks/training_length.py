@@ -7,6 +7,7 @@ measure the default training length rule (``wbdit.run.default_epochs``, benchmar
 
     python benchmarks/training_length.py --cells 20000 --epochs 16 --eval-every 2 --out /tmp/len20k
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ class Clock(TrainHook):
     def on_epoch_end(self, record: dict) -> None:
         self.train_s += record["epoch_time_s"]
         record["train_s"] = self.train_s
-        print(json.dumps({k: record[k] for k in ("epoch", "step", "loss", "train_s", "eval") if k in record}),
-              flush=True)
+        print(
+            json.dumps({k: record[k] for k in ("epoch", "step", "loss", "train_s", "eval") if k in record}), flush=True
+        )
 
 
 def main() -> None:
@@ -49,9 +51,17 @@ def main() -> None:
     train_idx, test_idx = split_cells(adata, "cell_type", 0.3, seed=0)
     real_train, held_out = adata[train_idx].copy(), adata[test_idx[: args.eval_cells]].copy()
     t0 = time.perf_counter()
-    train(real_train, label_key="cell_type", out_dir=args.out, epochs=args.epochs, eval_every=args.eval_every,
-          evaluate=during_training(held_out, reference=real_train, n_cells=args.eval_cells), device="cpu",
-          progress=False, hook=Clock())
+    train(
+        real_train,
+        label_key="cell_type",
+        out_dir=args.out,
+        epochs=args.epochs,
+        eval_every=args.eval_every,
+        evaluate=during_training(held_out, reference=real_train, n_cells=args.eval_cells),
+        device="cpu",
+        progress=False,
+        hook=Clock(),
+    )
     print(json.dumps({"n_train": real_train.n_obs, "wall_s": time.perf_counter() - t0}))
 
 

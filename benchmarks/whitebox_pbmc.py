@@ -10,6 +10,7 @@ on 500 of the 700 PBMC cells at 10 noise levels, and writes ``OUT/trained``, ``O
 of each inspection). CPU: about 20 CPU-seconds per inspection, the training about 1 s per epoch and
 model on an idle 2-core machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,16 +51,25 @@ def main() -> None:
     def timed(key, *a, **k):
         t0, c0 = time.perf_counter(), time.process_time()
         found[key] = inspect(*a, **k)
-        timing[key] = dict(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
-                           loadavg_1min=os.getloadavg()[0])
+        timing[key] = dict(
+            wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, loadavg_1min=os.getloadavg()[0]
+        )
         print(key, timing[key], flush=True)
 
     for arch in ("wbdit", "dit"):
         run_dir = out / "runs" / arch
         if not (run_dir / CHECKPOINT).exists():
             model = build_model(arch, n_genes=adata.n_vars, num_classes=n_types, **PRESETS["small"])
-            train(adata[train_idx].copy(), model, label_key="cell_type", out_dir=run_dir,
-                  config=replace(DEMO_CONFIG, epochs=args.epochs), seed=0, device="cpu", progress=False)
+            train(
+                adata[train_idx].copy(),
+                model,
+                label_key="cell_type",
+                out_dir=run_dir,
+                config=replace(DEMO_CONFIG, epochs=args.epochs),
+                seed=0,
+                device="cpu",
+                progress=False,
+            )
         run = Run.load(run_dir)
         timed(f"{arch} trained", run, adata, label=f"demo recipe, {run.epoch} epochs")
         x, y = cells_in_model_space(adata, run.preprocessor)
@@ -67,8 +77,13 @@ def main() -> None:
         fresh = build_model(arch, n_genes=adata.n_vars, num_classes=n_types, **PRESETS["small"]).eval()
         timed(f"{arch} fresh", fresh, x, labels=y, diffusion=run.diffusion, label="fresh init, seed 0")
         if arch == "wbdit":
-            timed("wbdit trained, learned U", run, adata, orthonormal=False,
-                  label=f"{run.epoch} epochs, learned U columns")
+            timed(
+                "wbdit trained, learned U",
+                run,
+                adata,
+                orthonormal=False,
+                label=f"{run.epoch} epochs, learned U columns",
+            )
     write_report([found["wbdit trained"], found["dit trained"]], out / "trained")
     write_report([found["wbdit fresh"], found["dit fresh"]], out / "fresh")
     write_report([found["wbdit trained, learned U"]], out / "trained_learned_u")

@@ -8,6 +8,7 @@ Each op is a ``torch.library`` custom op (``wbdit::mssa_triton_fwd`` / ``_bwd``,
 ``wbdit::ista_triton_fwd`` / ``_bwd``) with fake and autograd registrations. Importing this
 package raises ImportError when Triton is not installed.
 """
+
 import triton  # noqa: F401  (fail at import, cleanly, when Triton is missing)
 
 from . import ista, mssa
@@ -20,6 +21,7 @@ def register_ops(register, supports) -> None:
     """Register the Triton implementations with a dispatcher: ``register(op, name, supports,
     priority)`` returns a decorator (``wbdit.ops.register``); ``supports(*args)`` says whether
     Triton can run on the arguments (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+
     def mssa_ok(w, num_heads) -> bool:  # other head dims and dtypes fall back (with a warning)
         return supports(w) and w.dtype in TRITON_DTYPE and w.shape[-1] // num_heads <= mssa.MAX_HEAD_DIM
 

@@ -5,6 +5,7 @@ of every runtime argument, the constexprs, warps and stages). The ops launch fro
 ``wbdit.kernels.aot`` compiles the very same specs ahead of time, so the configurations
 the heuristics choose are exactly the ones whose registers and shared memory get checked.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -39,6 +39,7 @@ places): out within 0.38 % of max |out| (RMS 0.26 %), dx 0.24 % (0.18 %), dD 0.3
 exact arithmetic with the path's own ReLU mask, against the bf16 reference's 0.52 % (0.28 %),
 0.57 % (0.28 %), 0.46 % (0.36 %): that rounds x D^T, x D^T D and x D to 16 bits on the way.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -65,9 +66,19 @@ from .common import (
 
 @triton.jit
 def _rows_times_b(
-    a_ptr, gate_ptr, b_ptr, offs_m, offs_n, M, H,
-    TRANSPOSE_B: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    a_ptr,
+    gate_ptr,
+    b_ptr,
+    offs_m,
+    offs_n,
+    M,
+    H,
+    TRANSPOSE_B: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """fp32 (BLOCK_M, BLOCK_N) tile of A op(B): op(B) = B^T if TRANSPOSE_B else B, A = a (M, H),
     or a * [gate > 0] if GATED (the ReLU mask of the backward, gate = out)."""
@@ -112,13 +123,22 @@ def _tile_ptrs(offs_m, offs_n, M, H):
 
 @triton.jit
 def _ista_fwd_kernel(
-    x_ptr, b_ptr, out_ptr, M, H, threshold,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    H,
+    threshold,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """out = relu(x + x B - threshold), threshold = eta lambda (forward kernel 1)."""
     offs_m, offs_n = _tile_ids(M, H, BLOCK_M, BLOCK_N)
-    acc = _rows_times_b(x_ptr, x_ptr, b_ptr, offs_m, offs_n, M, H, False, False,
-                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    acc = _rows_times_b(
+        x_ptr, x_ptr, b_ptr, offs_m, offs_n, M, H, False, False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION
+    )
     ptrs, mask = _tile_ptrs(offs_m, offs_n, M, H)
     x = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     out = tl.maximum(x + acc - threshold, 0.0)
@@ -127,13 +147,22 @@ def _ista_fwd_kernel(
 
 @triton.jit
 def _ista_bwd_dx_kernel(
-    dout_ptr, out_ptr, b_ptr, dx_ptr, M, H,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dout_ptr,
+    out_ptr,
+    b_ptr,
+    dx_ptr,
+    M,
+    H,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dx = g + g B^T with g = dout [out > 0] (backward kernel 2)."""
     offs_m, offs_n = _tile_ids(M, H, BLOCK_M, BLOCK_N)
-    acc = _rows_times_b(dout_ptr, out_ptr, b_ptr, offs_m, offs_n, M, H, True, True,
-                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    acc = _rows_times_b(
+        dout_ptr, out_ptr, b_ptr, offs_m, offs_n, M, H, True, True, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION
+    )
     ptrs, mask = _tile_ptrs(offs_m, offs_n, M, H)
     out = tl.load(out_ptr + ptrs, mask=mask, other=0.0)
     g = tl.where(out > 0, tl.load(dout_ptr + ptrs, mask=mask, other=0.0).to(tl.float32), 0.0)
@@ -142,8 +171,17 @@ def _ista_bwd_dx_kernel(
 
 @triton.jit
 def _ista_bwd_db_kernel(
-    x_ptr, dout_ptr, out_ptr, db_ptr, M, H, rows_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    dout_ptr,
+    out_ptr,
+    db_ptr,
+    M,
+    H,
+    rows_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dB[split] = x^T g (fp32) over rows [split * rows_per_split, +rows_per_split) (backward
     kernel 3). Tile (BLOCK_N rows of dB) x (BLOCK_K columns), BLOCK_M rows of x per step."""
@@ -203,7 +241,8 @@ def _config(kernel: str, shape: IstaShape, defaults: dict) -> tuple[dict, int, i
     """(constexprs, warps, stages) of ``kernel``: a measured winner for this GPU (``wbdit.tuning``,
     keyed by dtype and width), else the heuristic."""
     block_m, block_n, block_k, warps, stages = tuning.choose(
-        kernel, tuning.config_key(shape.dtype, shape.width), defaults[shape.dtype != torch.float32])
+        kernel, tuning.config_key(shape.dtype, shape.width), defaults[shape.dtype != torch.float32]
+    )
     consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "DOT_PRECISION": dot_precision(shape.dtype)}
     return consts, warps, stages
 
@@ -219,9 +258,19 @@ def forward_specs(shape: IstaShape) -> list[KernelSpec]:
     """The one forward launch for ``shape``."""
     t = f"*{TRITON_DTYPE[shape.dtype]}"
     return [
-        KernelSpec("ista_fwd", _ista_fwd_kernel,
-                   {"x_ptr": t, "b_ptr": t, "out_ptr": t, "M": int_arg(shape.rows), "H": int_arg(shape.width),
-                    "threshold": "fp32"}, *_config("ista_fwd", shape, _GEMM_CONFIGS)),
+        KernelSpec(
+            "ista_fwd",
+            _ista_fwd_kernel,
+            {
+                "x_ptr": t,
+                "b_ptr": t,
+                "out_ptr": t,
+                "M": int_arg(shape.rows),
+                "H": int_arg(shape.width),
+                "threshold": "fp32",
+            },
+            *_config("ista_fwd", shape, _GEMM_CONFIGS),
+        ),
     ]
 
 
@@ -230,12 +279,18 @@ def backward_specs(shape: IstaShape) -> list[KernelSpec]:
     t = f"*{TRITON_DTYPE[shape.dtype]}"
     mh = {"M": int_arg(shape.rows), "H": int_arg(shape.width)}
     return [
-        KernelSpec("ista_bwd_dx", _ista_bwd_dx_kernel,
-                   {"dout_ptr": t, "out_ptr": t, "b_ptr": t, "dx_ptr": t, **mh},
-                   *_config("ista_bwd_dx", shape, _GEMM_CONFIGS)),
-        KernelSpec("ista_bwd_dB", _ista_bwd_db_kernel,
-                   {"x_ptr": t, "dout_ptr": t, "out_ptr": t, "db_ptr": "*fp32", **mh, "rows_per_split": "i32:16"},
-                   *_config("ista_bwd_dB", shape, _DB_CONFIGS)),
+        KernelSpec(
+            "ista_bwd_dx",
+            _ista_bwd_dx_kernel,
+            {"dout_ptr": t, "out_ptr": t, "b_ptr": t, "dx_ptr": t, **mh},
+            *_config("ista_bwd_dx", shape, _GEMM_CONFIGS),
+        ),
+        KernelSpec(
+            "ista_bwd_dB",
+            _ista_bwd_db_kernel,
+            {"x_ptr": t, "dout_ptr": t, "out_ptr": t, "db_ptr": "*fp32", **mh, "rows_per_split": "i32:16"},
+            *_config("ista_bwd_dB", shape, _DB_CONFIGS),
+        ),
     ]
 
 

@@ -60,6 +60,7 @@ is 1e-2 (median) to 5e-2 (max) on dW entries of size ~1; the largest error measu
 interpreter is 9e-4 with OpenBLAS's Haswell kernel, 6e-4 Sandybridge, 2.5e-4 SkylakeX.
 tests/test_mssa.py holds dW to the complete first-order bound, elementwise.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -88,8 +89,17 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _mssa_fwd_kernel(
-    w_ptr, out_ptr, lse_ptr, N, C, NUM_HEADS, HEAD_DIM, qk_scale_log2,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    w_ptr,
+    out_ptr,
+    lse_ptr,
+    N,
+    C,
+    NUM_HEADS,
+    HEAD_DIM,
+    qk_scale_log2,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """out[b, I, h] = softmax(c W_I W^T) W and lse[b, h, I] (log2 units); grid (B * heads, cdiv(N, BLOCK_M))."""
@@ -124,15 +134,25 @@ def _mssa_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(out_ptr + base + offs_m[:, None] * C + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        out_ptr + base + offs_m[:, None] * C + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
     tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
 @triton.jit
 def _mssa_bwd_delta_kernel(
-    out_ptr, dout_ptr, delta_ptr, N, C, NUM_HEADS, HEAD_DIM,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    out_ptr,
+    dout_ptr,
+    delta_ptr,
+    N,
+    C,
+    NUM_HEADS,
+    HEAD_DIM,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_k dO[b, i, h, k] O[b, i, h, k] in fp32; grid (B * heads, cdiv(N, BLOCK_M))."""
     pid_bh = tl.program_id(0)
@@ -152,8 +172,20 @@ def _mssa_bwd_delta_kernel(
 
 @triton.jit
 def _mssa_bwd_kernel(
-    w_ptr, dout_ptr, lse_ptr, delta_ptr, dw_ptr, N, C, NUM_HEADS, HEAD_DIM, sm_scale, qk_scale_log2,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    w_ptr,
+    dout_ptr,
+    lse_ptr,
+    delta_ptr,
+    dw_ptr,
+    N,
+    C,
+    NUM_HEADS,
+    HEAD_DIM,
+    sm_scale,
+    qk_scale_log2,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dW_I = sum_J c (dS_IJ + dS_JI^T) W_J + P_JI^T dO_J (module docstring);
@@ -225,12 +257,20 @@ class MssaShape(NamedTuple):
 # for tests and fp32 training, bf16 is the fast one. N does not enter: masks handle any N, and
 # short sequences are launch-bound whatever the tile.
 _FWD_CONFIGS = {
-    (True, 32): (128, 64, 4, 2), (True, 64): (128, 64, 4, 2), (True, 128): (128, 64, 8, 2),
-    (False, 32): (64, 32, 4, 2), (False, 64): (32, 32, 4, 2), (False, 128): (16, 32, 4, 2),
+    (True, 32): (128, 64, 4, 2),
+    (True, 64): (128, 64, 4, 2),
+    (True, 128): (128, 64, 8, 2),
+    (False, 32): (64, 32, 4, 2),
+    (False, 64): (32, 32, 4, 2),
+    (False, 128): (16, 32, 4, 2),
 }
 _BWD_CONFIGS = {
-    (True, 32): (64, 64, 4, 2), (True, 64): (64, 32, 4, 2), (True, 128): (64, 32, 4, 2),
-    (False, 32): (32, 16, 4, 1), (False, 64): (16, 16, 4, 1), (False, 128): (16, 16, 8, 1),
+    (True, 32): (64, 64, 4, 2),
+    (True, 64): (64, 32, 4, 2),
+    (True, 128): (64, 32, 4, 2),
+    (False, 32): (32, 16, 4, 1),
+    (False, 64): (16, 16, 4, 1),
+    (False, 128): (16, 16, 8, 1),
 }
 
 
@@ -246,8 +286,12 @@ def _block_d(head_dim: int) -> int:
 
 def _types(shape: MssaShape) -> tuple[str, dict[str, str]]:
     """Triton type of the tensor pointers and of the integer arguments every MSSA kernel takes."""
-    ints = {"N": int_arg(shape.n), "C": int_arg(shape.heads * shape.head_dim), "NUM_HEADS": int_arg(shape.heads),
-            "HEAD_DIM": int_arg(shape.head_dim)}
+    ints = {
+        "N": int_arg(shape.n),
+        "C": int_arg(shape.heads * shape.head_dim),
+        "NUM_HEADS": int_arg(shape.heads),
+        "HEAD_DIM": int_arg(shape.head_dim),
+    }
     return f"*{TRITON_DTYPE[shape.dtype]}", ints
 
 
@@ -256,13 +300,18 @@ def forward_specs(shape: MssaShape) -> list[KernelSpec]:
     t, ints = _types(shape)
     block_d = _block_d(shape.head_dim)
     block_m, block_n, warps, stages = tuning.choose(  # a measured winner for this GPU, if any
-        "mssa_fwd", tuning.config_key(shape.dtype, block_d), _FWD_CONFIGS[(shape.dtype != torch.float32, block_d)])
-    return [KernelSpec(
-        "mssa_fwd", _mssa_fwd_kernel,
-        {"w_ptr": t, "out_ptr": t, "lse_ptr": "*fp32", **ints, "qk_scale_log2": "fp32"},
-        {"BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": dot_precision(shape.dtype)},
-        warps, stages,
-    )]
+        "mssa_fwd", tuning.config_key(shape.dtype, block_d), _FWD_CONFIGS[(shape.dtype != torch.float32, block_d)]
+    )
+    return [
+        KernelSpec(
+            "mssa_fwd",
+            _mssa_fwd_kernel,
+            {"w_ptr": t, "out_ptr": t, "lse_ptr": "*fp32", **ints, "qk_scale_log2": "fp32"},
+            {"BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": dot_precision(shape.dtype)},
+            warps,
+            stages,
+        )
+    ]
 
 
 def backward_specs(shape: MssaShape) -> list[KernelSpec]:
@@ -270,18 +319,32 @@ def backward_specs(shape: MssaShape) -> list[KernelSpec]:
     t, ints = _types(shape)
     block_d = _block_d(shape.head_dim)
     block_m, block_n, warps, stages = tuning.choose(  # a measured winner for this GPU, if any
-        "mssa_bwd", tuning.config_key(shape.dtype, block_d), _BWD_CONFIGS[(shape.dtype != torch.float32, block_d)])
+        "mssa_bwd", tuning.config_key(shape.dtype, block_d), _BWD_CONFIGS[(shape.dtype != torch.float32, block_d)]
+    )
     delta = KernelSpec(
-        "mssa_bwd_delta", _mssa_bwd_delta_kernel,
+        "mssa_bwd_delta",
+        _mssa_bwd_delta_kernel,
         {"out_ptr": t, "dout_ptr": t, "delta_ptr": "*fp32", **ints},
-        {"BLOCK_D": block_d, "BLOCK_M": 32}, 4, 1,
+        {"BLOCK_D": block_d, "BLOCK_M": 32},
+        4,
+        1,
     )
     dw = KernelSpec(
-        "mssa_bwd", _mssa_bwd_kernel,
-        {"w_ptr": t, "dout_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dw_ptr": t, **ints,
-         "sm_scale": "fp32", "qk_scale_log2": "fp32"},
+        "mssa_bwd",
+        _mssa_bwd_kernel,
+        {
+            "w_ptr": t,
+            "dout_ptr": t,
+            "lse_ptr": "*fp32",
+            "delta_ptr": "*fp32",
+            "dw_ptr": t,
+            **ints,
+            "sm_scale": "fp32",
+            "qk_scale_log2": "fp32",
+        },
         {"BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": dot_precision(shape.dtype)},
-        warps, stages,
+        warps,
+        stages,
     )
     return [delta, dw]
 
@@ -327,8 +390,16 @@ def backward_into(dout: Tensor, w: Tensor, out: Tensor, lse: Tensor, num_heads: 
     delta = torch.empty_like(lse)
     bh = shape.batch * num_heads
     C = w.shape[2]
-    delta_spec.launch((bh, triton.cdiv(shape.n, delta_spec.constexprs["BLOCK_M"])), out, dout, delta,
-                      shape.n, C, num_heads, shape.head_dim)
+    delta_spec.launch(
+        (bh, triton.cdiv(shape.n, delta_spec.constexprs["BLOCK_M"])),
+        out,
+        dout,
+        delta,
+        shape.n,
+        C,
+        num_heads,
+        shape.head_dim,
+    )
     grid = (bh, triton.cdiv(shape.n, dw_spec.constexprs["BLOCK_M"]))
     c = shape.head_dim**-0.5
     dw_spec.launch(grid, w, dout, lse, delta, dw, shape.n, C, num_heads, shape.head_dim, c, c * LOG2E)

@@ -5,6 +5,7 @@
 model of the arithmetic the kernel runs (first order in the unit roundoff, worst case over the
 order of every sum, so it holds whichever BLAS or tensor-core path computes the products).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -63,8 +64,7 @@ FP32_IEEE = Fp32Arith(u=FP32_U, mul=FP32_U, add=FP32_U, adds_per_term=1, exp2=8 
 # with truncating conversions the dropped a_lo b_lo and the residuals of a_lo and b_lo are each
 # <= 2^-20 |a b| (mul = 3 * 2^-20 = 48 u); tensor cores accumulate in fp32 but may truncate
 # (add = 2 u); the three dots add 3 terms per product. ex2.approx / lg2.approx: within 2^-20.
-FP32_TF32X3 = Fp32Arith(u=FP32_U, mul=48 * FP32_U, add=2 * FP32_U, adds_per_term=3, exp2=16 * FP32_U,
-                        log2=16 * FP32_U)
+FP32_TF32X3 = Fp32Arith(u=FP32_U, mul=48 * FP32_U, add=2 * FP32_U, adds_per_term=3, exp2=16 * FP32_U, log2=16 * FP32_U)
 
 
 def fp32_arith(t: torch.Tensor) -> Fp32Arith:
@@ -85,5 +85,5 @@ def assert_within_bound(actual: torch.Tensor, expected: torch.Tensor, bound: tor
             f"{what}: {int((err > bound).sum())} of {err.numel()} elements exceed the error bound; worst at {idx}: "
             f"|{actual.flatten()[worst].item():.9g} - {expected.flatten()[worst].item():.9g}| = "
             f"{err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g} "
-            f"(x{ratio.flatten()[worst].item():.3g})")
-
+            f"(x{ratio.flatten()[worst].item():.3g})"
+        )

@@ -1,5 +1,6 @@
 """Test-wide settings: Triton kernels run through the interpreter when no GPU is present;
 tiny tensors run on one thread that waits passively (see wbdit/__init__.py)."""
+
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
@@ -23,8 +24,15 @@ torch.set_num_threads(1)
 # the fast paths (fused=True, the default of train, sample and the CLI) take the CPU
 # implementations: the interpreter runs a tiny training step ~300x slower (1.3 s against 3.4 ms
 # for hidden 32) and is not what those tests are about.
-TRITON_ON_CPU = {"test_extension", "test_fused_model", "test_ista", "test_kernels_aot", "test_model", "test_mssa",
-                 "test_tuning"}
+TRITON_ON_CPU = {
+    "test_extension",
+    "test_fused_model",
+    "test_ista",
+    "test_kernels_aot",
+    "test_model",
+    "test_mssa",
+    "test_tuning",
+}
 
 
 @pytest.fixture(autouse=True, scope="module")

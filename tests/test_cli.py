@@ -1,4 +1,5 @@
 """The ``wbdit`` command line, called in-process (``wbdit.cli.main``) on tiny settings."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 
 from wbdit import datasets
+from wbdit.checkpoint import CHECKPOINT, LOG, PREVIOUS, load_checkpoint
 from wbdit.cli import main
 from wbdit.data import read_h5ad, write_h5ad
-from wbdit.checkpoint import CHECKPOINT, LOG, PREVIOUS, load_checkpoint
 
 TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "10"]
 
@@ -28,8 +29,25 @@ def data_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "x"
-    rc = main(["train", str(data_file), "--label-key", "cell_type", "--out", str(out), "--epochs", "2",
-               "--batch-size", "16", "--device", "cpu", "--seed", "1", *TINY])
+    rc = main(
+        [
+            "train",
+            str(data_file),
+            "--label-key",
+            "cell_type",
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--seed",
+            "1",
+            *TINY,
+        ]
+    )
     assert rc == 0
     return out
 
@@ -52,14 +70,32 @@ def test_train_writes_a_run(trained, capsys):
 
 def test_sample_end_to_end(trained, tmp_path, capsys):
     out = tmp_path / "gen.h5ad"
-    rc = main(["sample", str(trained), "--n-cells", "10", "-o", str(out), "--steps", "3", "--device", "cpu",
-               "--cell-type", "type_1=4", "--cell-type", "type_2=6"])
+    rc = main(
+        [
+            "sample",
+            str(trained),
+            "--n-cells",
+            "10",
+            "-o",
+            str(out),
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--cell-type",
+            "type_1=4",
+            "--cell-type",
+            "type_2=6",
+        ]
+    )
     assert rc == 0, error_of(capsys)
     assert "wrote 10 cells x 25 genes" in capsys.readouterr().out
     gen = read_h5ad(out)
     assert list(gen.var_names) == [f"gene_{i}" for i in range(25)]
     assert gen.obs["cell_type"].value_counts().to_dict() == {"type_1": 4, "type_2": 6, "type_0": 0}
-    assert gen.uns["wbdit"]["sampler"] == "ddim" and int(gen.uns["wbdit"]["steps"]) == 3
+    u = gen.uns["wbdit"]  # the defaults but --steps: DPM-Solver++(2M) with guidance on an interval of t
+    assert u["sampler"] == "dpm++2m" and int(u["steps"]) == 3 and float(u["cfg_scale"]) == 1.5
+    assert list(u["cfg_interval"]) == [0.2, 0.8]
     X = gen.X.toarray()
     assert np.isfinite(X).all() and (X >= 0).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.h5ad"]
@@ -67,8 +103,29 @@ def test_sample_end_to_end(trained, tmp_path, capsys):
 
 def test_sample_counts_and_ddpm_options(trained, tmp_path, capsys):
     out = tmp_path / "counts.h5ad"
-    rc = main(["sample", str(trained), "--n-cells", "5", "-o", str(out), "--steps", "2", "--eta", "1.0",
-               "--cfg-scale", "1.5", "--counts", "--seed", "3", "--device", "cpu"])
+    rc = main(
+        [
+            "sample",
+            str(trained),
+            "--n-cells",
+            "5",
+            "-o",
+            str(out),
+            "--sampler",
+            "ddim",
+            "--steps",
+            "2",
+            "--eta",
+            "1.0",
+            "--cfg-scale",
+            "1.5",
+            "--counts",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0, error_of(capsys)
     gen = read_h5ad(out)
     X = gen.X.toarray()
@@ -89,12 +146,38 @@ def test_resume_continues_the_run(data_file, tmp_path, capsys):
 
 def test_train_options_reach_the_run(data_file, tmp_path, capsys):
     out = tmp_path / "dit"
-    rc = main(["train", str(data_file), "--out", str(out), "--arch", "dit", "--epochs", "1", "--batch-size", "16",
-               "--n-top-genes", "12", "--scaling", "standard", "--schedule", "cosine", "--prediction", "v",
-               "--lr", "0.002", "--device", "cpu", *TINY])
+    rc = main(
+        [
+            "train",
+            str(data_file),
+            "--out",
+            str(out),
+            "--arch",
+            "dit",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--n-top-genes",
+            "12",
+            "--scaling",
+            "standard",
+            "--schedule",
+            "cosine",
+            "--prediction",
+            "v",
+            "--lr",
+            "0.002",
+            "--device",
+            "cpu",
+            *TINY,
+        ]
+    )
     assert rc == 0, error_of(capsys)
     ckpt = load_checkpoint(out)
-    assert ckpt["arch"] == "dit" and ckpt["model_config"]["n_genes"] == 12 and ckpt["model_config"]["num_classes"] is None
+    assert (
+        ckpt["arch"] == "dit" and ckpt["model_config"]["n_genes"] == 12 and ckpt["model_config"]["num_classes"] is None
+    )
     assert ckpt["diffusion"] == dict(num_timesteps=1000, schedule="cosine", prediction="v")
     assert ckpt["preprocessor"]["scaling"] == "standard" and ckpt["train_config"]["lr"] == 0.002
 
@@ -146,8 +229,21 @@ def test_train_bad_values(tmp_path, capsys):
 
 def test_train_existing_run_without_resume(trained, data_file, capsys):
     before = (trained / CHECKPOINT).read_bytes()
-    rc = main(["train", str(data_file), "--label-key", "cell_type", "--out", str(trained), "--epochs", "3",
-               "--device", "cpu", *TINY])
+    rc = main(
+        [
+            "train",
+            str(data_file),
+            "--label-key",
+            "cell_type",
+            "--out",
+            str(trained),
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            *TINY,
+        ]
+    )
     err = error_of(capsys)
     assert rc != 0 and "already holds a run" in err and "--resume" in err
     assert (trained / CHECKPOINT).read_bytes() == before
@@ -155,9 +251,31 @@ def test_train_existing_run_without_resume(trained, data_file, capsys):
 
 def test_train_resume_with_another_model_config(trained, data_file, capsys):
     before = (trained / CHECKPOINT).read_bytes()
-    rc = main(["train", str(data_file), "--label-key", "cell_type", "--out", str(trained), "--epochs", "3",
-               "--device", "cpu", "--resume", "--seed", "1", "--batch-size", "16",
-               "--hidden-size", "64", "--depth", "1", "--num-heads", "2"])
+    rc = main(
+        [
+            "train",
+            str(data_file),
+            "--label-key",
+            "cell_type",
+            "--out",
+            str(trained),
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            "--resume",
+            "--seed",
+            "1",
+            "--batch-size",
+            "16",
+            "--hidden-size",
+            "64",
+            "--depth",
+            "1",
+            "--num-heads",
+            "2",
+        ]
+    )
     assert rc != 0
     err = error_of(capsys)
     assert "cannot resume" in err and "model_config" in err and "'hidden_size': 64" in err
@@ -202,8 +320,9 @@ def test_sample_failed_write_leaves_no_file(trained, tmp_path, capsys, monkeypat
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ad.AnnData, "write_h5ad", broken)
-    rc = main(["sample", str(trained), "-o", str(tmp_path / "g.h5ad"), "--n-cells", "2", "--steps", "1",
-               "--device", "cpu"])
+    rc = main(
+        ["sample", str(trained), "-o", str(tmp_path / "g.h5ad"), "--n-cells", "2", "--steps", "1", "--device", "cpu"]
+    )
     assert rc != 0 and "disk full (simulated)" in error_of(capsys)
     assert list(tmp_path.iterdir()) == []
 
@@ -211,8 +330,9 @@ def test_sample_failed_write_leaves_no_file(trained, tmp_path, capsys, monkeypat
 def test_sample_unwritable_output_is_a_clear_error(trained, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    rc = main(["sample", str(trained), "-o", str(blocker / "g.h5ad"), "--n-cells", "2", "--steps", "1",
-               "--device", "cpu"])
+    rc = main(
+        ["sample", str(trained), "-o", str(blocker / "g.h5ad"), "--n-cells", "2", "--steps", "1", "--device", "cpu"]
+    )
     assert rc != 0 and "error:" in error_of(capsys)
     assert list(tmp_path.iterdir()) == [blocker]
 
@@ -231,7 +351,9 @@ def test_no_command_and_unknown_command(capsys):
 
 def test_python_m_wbdit_help():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "wbdit", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "wbdit", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     for cmd in ("train", "sample", "evaluate", "report", "demo"):
         assert cmd in out.stdout

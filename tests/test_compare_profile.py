@@ -1,4 +1,5 @@
 """``wbdit compare`` and ``wbdit profile`` on a CPU at tiny settings: outputs exist, numbers are sane."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,8 +31,18 @@ def _png(path) -> bool:
 def test_compare_in_process(tmp_path):
     models = ("wbdit-ref", "wbdit-fused", "dit-ref")
     config = CompareConfig.for_device(
-        "cpu", size=TINY, models=models, data="synthetic", n_cells=120, n_genes=40, n_types=2, epochs=2,
-        batch_size=32, eval_every=2 if HAS_EVAL else 0, eval_cells=20, isolate=False,
+        "cpu",
+        size=TINY,
+        models=models,
+        data="synthetic",
+        n_cells=120,
+        n_genes=40,
+        n_types=2,
+        epochs=2,
+        batch_size=32,
+        eval_every=2 if HAS_EVAL else 0,
+        eval_cells=20,
+        isolate=False,
     )
     run_compare(tmp_path, config, device="cpu", progress=False)
     report = json.loads((tmp_path / "compare.json").read_text())
@@ -69,9 +80,32 @@ def test_compare_in_process(tmp_path):
 def test_compare_cli_isolated(tmp_path, capsys):
     """The default path: each variant trains in a fresh process."""
     out = tmp_path / "cmp"
-    rc = main(["compare", "--out", str(out), "--models", "wbdit-fused", "--data", "synthetic", "--n-cells", "60",
-               "--n-genes", "20", "--n-types", "2", "--epochs", "1", "--batch-size", "16", "--eval-every", "0",
-               "--device", "cpu", *TINY_ARGS])
+    rc = main(
+        [
+            "compare",
+            "--out",
+            str(out),
+            "--models",
+            "wbdit-fused",
+            "--data",
+            "synthetic",
+            "--n-cells",
+            "60",
+            "--n-genes",
+            "20",
+            "--n-types",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "0",
+            "--device",
+            "cpu",
+            *TINY_ARGS,
+        ]
+    )
     assert rc == 0
     assert "| wbdit-fused |" in capsys.readouterr().out
     m = json.loads((out / "compare.json").read_text())["models"]["wbdit-fused"]
@@ -89,7 +123,7 @@ def test_compare_rejects_unknown_variant():
 def test_peak_memory_resets_on_cpu():
     meter = PeakMemory("cpu")
     block = bytearray(256 * MiB)  # touched: zero-filled pages are resident
-    block[:: 4096] = b"\x01" * len(block[:: 4096])
+    block[::4096] = b"\x01" * len(block[::4096])
     high = meter.peak()
     del block
     meter.reset()
@@ -101,8 +135,26 @@ def test_peak_memory_resets_on_cpu():
 
 def test_profile_cpu(tmp_path, capsys):
     out = tmp_path / "prof"
-    assert main(["profile", "--out", str(out), "--n-genes", "40", "--batch-size", "8", "--warmup", "1",
-                 "--steps", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--out",
+                str(out),
+                "--n-genes",
+                "40",
+                "--batch-size",
+                "8",
+                "--warmup",
+                "1",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "ms/step" in capsys.readouterr().out
     trace = json.loads((out / "trace.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}
@@ -116,8 +168,27 @@ def test_profile_cpu(tmp_path, capsys):
 
 def test_profile_nsys_prints_command(tmp_path, capsys):
     out = tmp_path / "nsys"
-    assert main(["profile", "--nsys", "--out", str(out), "--n-genes", "40", "--batch-size", "8", "--warmup", "1",
-                 "--steps", "1", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--nsys",
+                "--out",
+                str(out),
+                "--n-genes",
+                "40",
+                "--batch-size",
+                "8",
+                "--warmup",
+                "1",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi --capture-range-end=stop" in printed
     assert "wbdit profile --nsys --out" in printed

@@ -5,26 +5,36 @@ AOT autograd through the custom ops as inductor, without inductor's C++ build, w
 6 minutes for this tiny run on a busy 2-core machine. Inductor itself is checked against
 eager, with its timing, by benchmarks/test_bench_training.py (benchmarks/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import torch
 
-from wbdit import datasets
+from wbdit import datasets, ops
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import WhiteBoxDiT
 from wbdit.trainer import train
 
 
-def test_compiled_training_matches_eager(tmp_path):
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     adata = datasets.synthetic(n_cells=48, n_genes=25, n_types=3, markers_per_type=5, seed=0)
     runs = {}
-    for compile in (False, "aot_eager"):
-        torch._dynamo.reset()
+    for compile in ("aot_eager", False):  # compiled first, with the fast backends not yet imported:
+        torch._dynamo.reset()  # their import inside the graph would break it (train imports them first)
+        monkeypatch.setattr(ops, "_backends_loaded", False)
         runs[compile] = train(
-            adata, lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, patch_size=10, hidden_size=32, depth=1,
-                                            num_heads=2),
-            label_key="cell_type", out_dir=tmp_path / str(compile), epochs=1, batch_size=16, lr=3e-3,
-            diffusion=GaussianDiffusion(num_timesteps=100), device="cpu", progress=False, compile=compile)
+            adata,
+            lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, patch_size=10, hidden_size=32, depth=1, num_heads=2),
+            label_key="cell_type",
+            out_dir=tmp_path / str(compile),
+            epochs=1,
+            batch_size=16,
+            lr=3e-3,
+            diffusion=GaussianDiffusion(num_timesteps=100),
+            device="cpu",
+            progress=False,
+            compile=compile,
+        )
     eager, compiled = runs[False], runs["aot_eager"]
     assert compiled.model.fused and not isinstance(compiled.model, torch._dynamo.eval_frame.OptimizedModule)
     # Three AdamW steps from the same draws: the loss and the EMA weights agree to fp32 rounding.

@@ -1,4 +1,5 @@
 """Reading .h5ad files, preprocessing (and its inverse), and training batches."""
+
 from __future__ import annotations
 
 import json
@@ -96,11 +97,14 @@ def test_counts_vs_log_normalized_detection():
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-@pytest.mark.parametrize("bad,match", [
-    (np.nan, "1 NaN or infinite values"),
-    (np.inf, "1 NaN or infinite values"),
-    (-1.0, "negative values"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.nan, "1 NaN or infinite values"),
+        (np.inf, "1 NaN or infinite values"),
+        (-1.0, "negative values"),
+    ],
+)
 def test_bad_values_are_rejected(sparse, bad, match):
     a = counts_adata(sparse=False)
     X = a.X.copy()
@@ -303,8 +307,10 @@ def _batches(n_cells=20, batch_size=6, labels=True):
 
 def _ids(batches, seed, epoch):
     """Row index of each yielded cell, recovered by matching rows (cells are distinct)."""
-    rows = {tuple(np.round(r, 5)): i for i, r in enumerate(batches.pre.transform(
-        torch.from_numpy(batches.logx.toarray())).numpy())}
+    rows = {
+        tuple(np.round(r, 5)): i
+        for i, r in enumerate(batches.pre.transform(torch.from_numpy(batches.logx.toarray())).numpy())
+    }
     return [[rows[tuple(np.round(r, 5))] for r in x.numpy()] for x, _ in batches.epoch(seed, epoch, "cpu")]
 
 

@@ -1,4 +1,5 @@
 """Gaussian diffusion against closed forms (float64 numpy) and sampler equivalences."""
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,9 @@ def test_posterior_closed_form():
     x0, xt = rand(5, 4, seed=3), rand(5, 4, seed=4)
     t = torch.tensor([0, 1, 2, 400, 999])
     tn = t.numpy()[:, None]
-    want = (np.sqrt(a_prev[tn]) * beta[tn] / (1 - a[tn])) * x0.numpy() \
-        + (np.sqrt(1 - beta[tn]) * (1 - a_prev[tn]) / (1 - a[tn])) * xt.numpy()
+    want = (np.sqrt(a_prev[tn]) * beta[tn] / (1 - a[tn])) * x0.numpy() + (
+        np.sqrt(1 - beta[tn]) * (1 - a_prev[tn]) / (1 - a[tn])
+    ) * xt.numpy()
     np.testing.assert_allclose(d.q_posterior_mean(x0, xt, t).numpy(), want, rtol=1e-10, atol=1e-12)
 
 
@@ -204,22 +206,38 @@ def test_ddim_eta0_is_deterministic_given_the_seed():
     d = GaussianDiffusion(100)
     model = _model()
     y = torch.tensor([0, 2, 1])
-    run = lambda seed, **kw: d.sample(model, 3, 12, y=y, steps=10, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    run = lambda seed, **kw: d.sample(
+        model,
+        3,
+        12,
+        y=y,
+        sampler="ddim",
+        steps=10,  # noqa: E731
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
     a, b = run(1), run(1)
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert not torch.equal(a, run(2))
     # eta=0 uses no noise after the start: the same x_T gives the same samples whatever follows.
     x_T = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))
     calls = []
-    d.sample(lambda x, t, yy: calls.append(x.clone()) or model(x, t, yy), 3, 12, y=y, steps=10,
-             generator=torch.Generator().manual_seed(1))
+    d.sample(
+        lambda x, t, yy: calls.append(x.clone()) or model(x, t, yy),
+        3,
+        12,
+        y=y,
+        sampler="ddim",
+        steps=10,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert torch.equal(calls[0], x_T) and len(calls) == 10
 
 
 def test_ddim_one_step_returns_the_x0_prediction_from_noise():
     d = GaussianDiffusion(100)
     model = _model(None)
-    out = d.sample(model, 4, 12, steps=1, generator=torch.Generator().manual_seed(0))
+    out = d.sample(model, 4, 12, sampler="ddim", steps=1, generator=torch.Generator().manual_seed(0))
     x_T = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
     t = torch.full((4,), 99)
     _, x0 = d.eps_and_x0(model(x_T, t), x_T, t)
@@ -232,7 +250,9 @@ def test_classifier_free_guidance(scale):
     d = GaussianDiffusion(100)
     model = _model(3)
     y = torch.tensor([0, 1, 2, 1])
-    out = d.sample(model, 4, 12, y=y, steps=1, cfg_scale=scale, generator=torch.Generator().manual_seed(0))
+    out = d.sample(
+        model, 4, 12, y=y, sampler="ddim", steps=1, cfg_scale=scale, generator=torch.Generator().manual_seed(0)
+    )
     x_T = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
     t = torch.full((4,), 99)
     cond, uncond = model(x_T, t, y), model(x_T, t, torch.full_like(y, 3))

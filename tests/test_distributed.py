@@ -1,4 +1,5 @@
 """Distributed data parallel: torchrun with 2 gloo processes follows the single-process trajectory."""
+
 import json
 import os
 import subprocess
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from wbdit.checkpoint import load_checkpoint
 from wbdit.cli import main
 from wbdit.datasets import write_synthetic_h5ad
 from wbdit.distributed import Dist, setup
-from wbdit.checkpoint import load_checkpoint
 
 
 def test_ranks_split_the_global_batch_and_one_process_is_unchanged():
@@ -34,15 +35,50 @@ def test_two_gloo_processes_match_one_process_and_resume_with_another_world_size
     torchrun 2 processes x 2 epochs (16 cells per rank), then 1 process resumes for epochs 3-4."""
     data = tmp_path / "cells.h5ad"
     write_synthetic_h5ad(data, n_cells=96, n_genes=40, n_types=3, markers_per_type=5, seed=0)
-    args = [str(data), "--label-key", "cell_type", "--patch-size", "10", "--hidden-size", "32", "--depth", "1",
-            "--num-heads", "2", "--batch-size", "32", "--lr", "1e-3", "--device", "cpu"]
+    args = [
+        str(data),
+        "--label-key",
+        "cell_type",
+        "--patch-size",
+        "10",
+        "--hidden-size",
+        "32",
+        "--depth",
+        "1",
+        "--num-heads",
+        "2",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+    ]
     assert main(["train", *args, "--out", str(tmp_path / "one"), "--epochs", "4"]) == 0
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "wbdit", "train", *args, "--out", str(tmp_path / "two"), "--epochs", "2"],
-        capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"}, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "wbdit",
+            "train",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+            "--epochs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("trained 2 epochs") == 1  # rank 0 alone reports

@@ -1,5 +1,6 @@
 """The evaluator: metric values by hand, same vs shifted distributions, cell-type splits, the unbiased
 default space, gene selection, biology (markers, correlations, utility), baselines, inputs, errors, files."""
+
 import json
 import math
 import sys
@@ -34,8 +35,10 @@ def nb_cells(n_per_type: dict, seed: int, shift: float = 1.0, prefix: str = "c")
     """
     fixed = np.random.default_rng(0)
     base = fixed.lognormal(0.0, 1.0, N_GENES)
-    profiles = {t: base * np.where(np.arange(N_GENES) < 10, 8.0 if t == "B" else 1.0, 1.0)
-                * fixed.lognormal(0.0, 0.3, N_GENES) for t in ("A", "B", "C")}
+    profiles = {
+        t: base * np.where(np.arange(N_GENES) < 10, 8.0 if t == "B" else 1.0, 1.0) * fixed.lognormal(0.0, 0.3, N_GENES)
+        for t in ("A", "B", "C")
+    }
     rng = np.random.default_rng(seed)
     rows, labels = [], []
     for t, n in n_per_type.items():
@@ -69,8 +72,9 @@ def same_report(real):
 
 @pytest.fixture(scope="module")
 def shifted_report(real):
-    return evaluate(real, nb_cells({"A": 250, "B": 250}, seed=2, shift=10.0, prefix="g"), label_key="cell_type",
-                    baselines=False)
+    return evaluate(
+        real, nb_cells({"A": 250, "B": 250}, seed=2, shift=10.0, prefix="g"), label_key="cell_type", baselines=False
+    )
 
 
 def test_mmd_matches_hand_computation():
@@ -163,7 +167,10 @@ def test_per_cell_type_counts():
     report = evaluate(real, gen, label_key="cell_type")
     per_type = report.generated["per_type"]
     assert {t: (m["n_real"], m["n_generated"]) for t, m in per_type.items()} == {
-        "A": (50, 40), "B": (90, 20), "C": (0, 12)}
+        "A": (50, 40),
+        "B": (90, 20),
+        "C": (0, 12),
+    }
     assert report.generated["overall"]["n_real"] == 140 and report.generated["overall"]["n_generated"] == 72
     assert per_type["C"]["mmd"] is None and per_type["C"]["label_accuracy"] == 0.0  # a type real cells lack
     assert per_type["A"]["mmd"] is not None
@@ -172,7 +179,10 @@ def test_per_cell_type_counts():
     assert {t: (floor[t]["n_real"], floor[t]["n_generated"]) for t in floor} == {"A": (25, 25), "B": (45, 45)}
     for name in ("gaussian", "resample"):  # as many cells of each type as generated
         assert {t: m["n_generated"] for t, m in report.baselines[name]["per_type"].items()} == {
-            "A": 40, "B": 20, "C": 12}
+            "A": 40,
+            "B": 20,
+            "C": 12,
+        }
     # label accuracy overall is the cell-weighted mean of the per-type accuracies
     acc = sum(per_type[t]["label_accuracy"] * per_type[t]["n_generated"] for t in per_type) / 72
     assert report.generated["overall"]["label_accuracy"] == pytest.approx(acc)
@@ -246,8 +256,9 @@ def test_reference_fits_the_pca_and_the_floor_splits_real():
     assert joint.settings["space"] == "joint" and joint._pca.n_samples_ == 80 + 60
     with pytest.raises(ValueError, match="needs reference"):
         evaluate(held_out, gen, space="reference")
-    assert report.generated == evaluate(held_out, gen, label_key="cell_type", reference=train,
-                                        baselines=False).generated
+    assert (
+        report.generated == evaluate(held_out, gen, label_key="cell_type", reference=train, baselines=False).generated
+    )
     assert report.settings["w_cells"] == 40  # min(n_real // 2, n_generated)
 
 
@@ -261,7 +272,12 @@ def test_report_is_json_and_cli_writes_files(real, tmp_path, monkeypatch, capsys
         report = cli_evaluate(str(real_path), str(gen_path), str(tmp_path / "report"), label_key="cell_type")
     out = tmp_path / "report"
     assert sorted(p.name for p in out.iterdir()) == [
-        "embedding.png", "gene_means.png", "histograms.png", "metrics.json", "table.txt"]
+        "embedding.png",
+        "gene_means.png",
+        "histograms.png",
+        "metrics.json",
+        "table.txt",
+    ]
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "metrics.json").read_text())
@@ -293,8 +309,15 @@ def test_training_curves(tmp_path):
     for epoch in range(1, 7):
         record = dict(epoch=epoch, step=10 * epoch, loss=1.0 / epoch, epoch_time_s=2.0, cells_per_s=300.0 + epoch)
         if epoch % 2 == 0:
-            record["eval"] = dict(knn_auc=1.0 - 0.05 * epoch, mmd=0.5 / epoch, w2=10.0 - epoch, spearman_mean=0.9,
-                                  spearman_var=0.8, zero_frac_mad=0.1, label_accuracy=None)
+            record["eval"] = dict(
+                knn_auc=1.0 - 0.05 * epoch,
+                mmd=0.5 / epoch,
+                w2=10.0 - epoch,
+                spearman_mean=0.9,
+                spearman_var=0.8,
+                zero_frac_mad=0.1,
+                label_accuracy=None,
+            )
         lines.append(json.dumps(record))
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
     paths = plot_training_curves(tmp_path)
@@ -372,8 +395,10 @@ def biology_reports():
     perfect = nb_cells(per_type, seed=23, prefix="g")
     shuffled = perfect.copy()
     shuffled.obs["cell_type"] = np.random.default_rng(0).permutation(shuffled.obs["cell_type"].to_numpy())
-    return (evaluate(held_out, perfect, label_key="cell_type", reference=train),
-            evaluate(held_out, shuffled, label_key="cell_type", reference=train, baselines=False))
+    return (
+        evaluate(held_out, perfect, label_key="cell_type", reference=train),
+        evaluate(held_out, shuffled, label_key="cell_type", reference=train, baselines=False),
+    )
 
 
 def test_marker_genes_real_near_floor_label_shuffled_far(biology_reports):
@@ -427,8 +452,9 @@ def test_downstream_utility_real_near_floor_label_shuffled_far(biology_reports):
     assert saved["floor"]["overall"]["utility_f1"] == pytest.approx(floor["utility_f1"])
     assert saved["metrics"]["utility_f1"]["space"] == "PCA" and saved["metrics"]["marker_recall"]["space"] == "genes"
     # without training cells there is no utility, and the table says why
-    no_train = evaluate(perfect_cells := nb_cells({"A": 60, "B": 60}, seed=24), perfect_cells, baselines=False,
-                        label_key="cell_type")
+    no_train = evaluate(
+        perfect_cells := nb_cells({"A": 60, "B": 60}, seed=24), perfect_cells, baselines=False, label_key="cell_type"
+    )
     assert no_train.headline()["utility_f1"] is None and "needs training cells" in no_train.table()
 
 
@@ -436,7 +462,9 @@ def test_resample_baseline_keeps_each_genes_values_per_type():
     train = nb_cells({"A": 80, "B": 40}, seed=31, prefix="t")
     cells = baselines.baseline_cells("resample", train, cell_types={"A": 30, "B": 50}, seed=0)
     assert list(cells.var_names) == list(train.var_names) and cells.obs["cell_type"].value_counts().to_dict() == {
-        "A": 30, "B": 50}
+        "A": 30,
+        "B": 50,
+    }
     logx = log_normalized(train).X.toarray()
     types = train.obs["cell_type"].astype(str).to_numpy()
     for t in ("A", "B"):

@@ -4,6 +4,7 @@ The extension is expected to be built (``pip install --no-build-isolation -e .``
 the import below fails and so does this file, because a silently skipped build is the failure
 CI must catch. CUDA cases run only where a GPU is present.
 """
+
 from __future__ import annotations
 
 import glob
@@ -184,7 +185,9 @@ def test_timestep_embedding_rejects_odd_dim():
 def test_opcheck_patch_embed():
     x, w, b, pos = _inputs(3, 25, 10, 8)
     torch.library.opcheck(torch.ops.wbdit.patch_embed, (x, w, b, pos))
-    torch.library.opcheck(torch.ops.wbdit.patch_embed, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), pos))
+    torch.library.opcheck(
+        torch.ops.wbdit.patch_embed, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), pos)
+    )
     torch.library.opcheck(torch.ops.wbdit.patch_embed_backward, (torch.randn(3, 3, 8), x.detach(), w.detach()))
     torch.library.opcheck(torch.ops.wbdit.patch_embed_backward, (torch.randn(3, 3, 8), x.detach(), w.detach(), False))
 
@@ -197,8 +200,14 @@ def test_opcheck_timestep_embedding():
 def test_torch_compile_traces_the_ops():
     x, w, b, pos = _inputs(2, 25, 10, 8)
     t = torch.arange(2)
-    fn = torch.compile(lambda *a: extension.patch_embed(*a).sum(-1) + extension.timestep_embedding(t, 8)[:, :1], fullgraph=True, backend="eager")
-    torch.testing.assert_close(fn(x, w, b, pos), reference.patch_embed(x, w, b, pos).sum(-1) + reference.timestep_embedding(t, 8)[:, :1])
+    fn = torch.compile(
+        lambda *a: extension.patch_embed(*a).sum(-1) + extension.timestep_embedding(t, 8)[:, :1],
+        fullgraph=True,
+        backend="eager",
+    )
+    torch.testing.assert_close(
+        fn(x, w, b, pos), reference.patch_embed(x, w, b, pos).sum(-1) + reference.timestep_embedding(t, 8)[:, :1]
+    )
 
 
 # ------------------------------------------------------------------ dispatch through wbdit.ops
@@ -249,7 +258,9 @@ print("ok")
     env = dict(os.environ, TRITON_INTERPRET="0", WBDIT_STRICT_FUSED="0")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
-    strict = code.replace("from wbdit import ops", "import os; os.environ['WBDIT_STRICT_FUSED'] = '1'\nfrom wbdit import ops")
+    strict = code.replace(
+        "from wbdit import ops", "import os; os.environ['WBDIT_STRICT_FUSED'] = '1'\nfrom wbdit import ops"
+    )
     run = subprocess.run([sys.executable, "-c", strict], capture_output=True, text=True, env=env)
     assert run.returncode != 0 and "RuntimeError" in run.stderr and "not built" in run.stderr, run.stderr
 

@@ -1,5 +1,6 @@
 """Whole-model proof: fused=True (Triton kernels through the interpreter on CPU, the C++
 extension for the input path) equals fused=False on the same weights, loss and gradients."""
+
 import os
 
 import pytest

@@ -12,6 +12,7 @@ one the test happened to run on. Gradients are compared with the fast path's own
 where a pre-activation lies within rounding of 0 a path may gate it either way, and that moves
 its gradient by a whole dout; the test checks that the masks differ only there.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -110,9 +111,11 @@ class _Bounds:
         self.dB = x2.t() @ g
         dB_bound = (_gamma(x2.shape[0] + 1, u_acc) + u) * (x2.abs().t() @ ag)
         adB = self.dB.abs()
-        self.dD_bound = (eta * (dB_bound + aD @ (dB_bound + dB_bound.t()))
-                         + _gamma(H + 2, u_mat) * eta * (adB + aD @ (adB + adB.t()))
-                         + UNIT[D.dtype] * dD.abs())
+        self.dD_bound = (
+            eta * (dB_bound + aD @ (dB_bound + dB_bound.t()))
+            + _gamma(H + 2, u_mat) * eta * (adB + aD @ (adB + adB.t()))
+            + UNIT[D.dtype] * dD.abs()
+        )
         self.dB_bound = dB_bound
 
     def check_mask(self, out):
@@ -401,10 +404,16 @@ def test_module_forms_B_per_call_while_training(monkeypatch):
 
 @cuda_only
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("dtype,lead,H", [
-    (torch.bfloat16, (256, 200), 768), (torch.bfloat16, (3, 257), 96), (torch.bfloat16, (1, 1), 1024),
-    (torch.float16, (256, 200), 768), (torch.float32, (256, 200), 768),
-])
+@pytest.mark.parametrize(
+    "dtype,lead,H",
+    [
+        (torch.bfloat16, (256, 200), 768),
+        (torch.bfloat16, (3, 257), 96),
+        (torch.bfloat16, (1, 1), 1024),
+        (torch.float16, (256, 200), 768),
+        (torch.float32, (256, 200), 768),
+    ],
+)
 def test_gpu_matches_reference(path, dtype, lead, H):
     x, D, dout = _inputs(lead, H, 1.0, seed=19, dtype=dtype)
     out, dx, dD = _run_path(path, x, D, dout, 0.1, 0.1)

@@ -8,6 +8,7 @@ cannot be compiled. Each configuration must compile, stay within its spill bound
 documented in ``aot.spill_bound``), fit the architecture's shared memory, and multiply on
 tensor cores (mma on sm_80; wgmma or mma on sm_90a).
 """
+
 import json
 import os
 import subprocess
@@ -32,8 +33,14 @@ def resources(tmp_path_factory):
     """Rows of the resource table, keyed by configuration and architecture."""
     out = tmp_path_factory.mktemp("aot") / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "wbdit.kernels.aot", "--json", str(out)],
-                          env=env, check=False, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wbdit.kernels.aot", "--json", str(out)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(proc.stdout)  # the table, shown with pytest -s
     rows = [aot.Resources(**r) for r in json.loads(out.read_text())]
@@ -48,9 +55,11 @@ def test_covers_seed_shape_in_both_dtypes():
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize("dtype,kernel,constexprs,warps,stages", CONFIGS,
-                         ids=[f"{n}-{d}-" + "-".join(f"{v}" for k, v in c.items() if k.startswith("BLOCK_"))
-                              for d, n, c, *_ in CONFIGS])
+@pytest.mark.parametrize(
+    "dtype,kernel,constexprs,warps,stages",
+    CONFIGS,
+    ids=[f"{n}-{d}-" + "-".join(f"{v}" for k, v in c.items() if k.startswith("BLOCK_")) for d, n, c, *_ in CONFIGS],
+)
 def test_kernel_fits_the_gpu(resources, arch, dtype, kernel, constexprs, warps, stages):
     r = resources[_key(dtype, kernel, constexprs, warps, stages, arch)]
     assert 0 < r.registers <= 255

@@ -1,5 +1,6 @@
 """The package's layers (ARCHITECTURE.md): every module imports only from its own layer or below,
 the import graph has no cycle, and the core imports with torch and numpy alone."""
+
 import ast
 import subprocess
 import sys
@@ -11,8 +12,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A new module must be placed here: an unplaced module fails the test.
 LAYERS = {
-    "core": ["reference", "ops", "fastpaths", "extension", "kernels", "model", "diffusion", "checkpoint", "nvtx",
-             "atomic", "distributed", "errors", "extras", "tuning", "runlock", "tables", "progress"],
+    "core": [
+        "reference",
+        "ops",
+        "fastpaths",
+        "extension",
+        "kernels",
+        "model",
+        "diffusion",
+        "checkpoint",
+        "nvtx",
+        "atomic",
+        "distributed",
+        "errors",
+        "extras",
+        "tuning",
+        "runlock",
+        "tables",
+        "progress",
+    ],
     "data": ["data", "preprocessing", "batches", "datasets", "run"],
     "training": ["trainer", "sampling"],
     "evaluation": ["metrics", "evaluation", "plots", "whitebox", "whitebox_report", "baselines", "markers", "utility"],
@@ -44,14 +62,19 @@ def _imports(path: Path, name: str) -> set[str]:
             elif node.module == "wbdit":
                 out |= {a.name for a in node.names}
             elif node.module and node.module.startswith("wbdit."):
-                out.add(".".join(node.module.split(".")[1:3]) if node.module.startswith("wbdit.kernels")
-                        else node.module.split(".")[1])
+                out.add(
+                    ".".join(node.module.split(".")[1:3])
+                    if node.module.startswith("wbdit.kernels")
+                    else node.module.split(".")[1]
+                )
     return {m.replace("kernels.", "kernels.", 1) for m in out if m != "_C"}
 
 
 def _graph() -> dict[str, set[str]]:
-    return {name: {"kernels" if m == "kernels" else m for m in _imports(path, name)} - {name}
-            for name, path in _modules().items()}
+    return {
+        name: {"kernels" if m == "kernels" else m for m in _imports(path, name)} - {name}
+        for name, path in _modules().items()
+    }
 
 
 def test_every_module_has_a_layer():
@@ -60,8 +83,12 @@ def test_every_module_has_a_layer():
 
 
 def test_no_module_imports_from_a_layer_above():
-    upward = [(n, m) for n, deps in _graph().items() for m in deps
-              if _top(n) in RANK and _top(m) in RANK and RANK[_top(m)] > RANK[_top(n)]]
+    upward = [
+        (n, m)
+        for n, deps in _graph().items()
+        for m in deps
+        if _top(n) in RANK and _top(m) in RANK and RANK[_top(m)] > RANK[_top(n)]
+    ]
     assert not upward, f"upward imports (module -> higher-layer module): {upward}"
 
 
@@ -92,9 +119,10 @@ for name in ("anndata", "scanpy", "sklearn", "ot", "umap", "pandas", "h5py", "sc
 """
 
 
-
 def test_the_core_trains_a_step_without_the_data_stack():
-    child = BLOCK_DATA_STACK + """
+    child = (
+        BLOCK_DATA_STACK
+        + """
 import torch
 import wbdit
 from wbdit.checkpoint import save_checkpoint
@@ -114,6 +142,7 @@ else:
     raise AssertionError("read_h5ad imported without anndata")
 print("ok")
 """
+    )
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 

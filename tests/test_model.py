@@ -3,6 +3,7 @@
 Nothing in this file calls ``wbdit.reference`` to compute an expected value: every
 expected value is an explicit einsum/numpy statement of the DESIGN.md formula.
 """
+
 from __future__ import annotations
 
 import math
@@ -120,8 +121,11 @@ def forward_formula(model, x, t, y):
     xp = torch.cat([x.double(), torch.zeros(B, N * p - G, dtype=torch.float64)], 1).reshape(B, N, p)
     h = linear(xp, P["x_embedder.weight"], P["x_embedder.bias"]) + sincos_1d(N, H)
     temb = t_embed_formula(t)
-    c = linear(F.silu(linear(temb, P["t_embedder.0.weight"], P["t_embedder.0.bias"])),
-               P["t_embedder.2.weight"], P["t_embedder.2.bias"])
+    c = linear(
+        F.silu(linear(temb, P["t_embedder.0.weight"], P["t_embedder.0.bias"])),
+        P["t_embedder.2.weight"],
+        P["t_embedder.2.bias"],
+    )
     if y is not None:
         c = c + P["y_embedder.weight"][y]
 
@@ -136,18 +140,28 @@ def forward_formula(model, x, t, y):
         if isinstance(model, WhiteBoxDiT):
             mix = mssa_formula(a, P[q + "attn.U.weight"], P[q + "attn.proj.weight"], P[q + "attn.proj.bias"], heads)
         else:
-            mix = attention_formula(a, P[q + "attn.qkv.weight"], P[q + "attn.qkv.bias"],
-                                    P[q + "attn.proj.weight"], P[q + "attn.proj.bias"], heads)
+            mix = attention_formula(
+                a,
+                P[q + "attn.qkv.weight"],
+                P[q + "attn.qkv.bias"],
+                P[q + "attn.proj.weight"],
+                P[q + "attn.proj.bias"],
+                heads,
+            )
         h = h + g1[:, None] * mix
         b = mod(layernorm(h), sh2, sc2)
         if isinstance(model, WhiteBoxDiT):
             ffn = ista_formula(b, P[q + "mlp.D"])
         else:
-            ffn = linear(gelu_tanh(linear(b, P[q + "mlp.0.weight"], P[q + "mlp.0.bias"])),
-                         P[q + "mlp.2.weight"], P[q + "mlp.2.bias"])
+            ffn = linear(
+                gelu_tanh(linear(b, P[q + "mlp.0.weight"], P[q + "mlp.0.bias"])),
+                P[q + "mlp.2.weight"],
+                P[q + "mlp.2.bias"],
+            )
         h = h + g2[:, None] * ffn
-    shift, scale = linear(F.silu(c), P["final_layer.adaLN_modulation.1.weight"],
-                          P["final_layer.adaLN_modulation.1.bias"]).chunk(2, dim=1)
+    shift, scale = linear(
+        F.silu(c), P["final_layer.adaLN_modulation.1.weight"], P["final_layer.adaLN_modulation.1.bias"]
+    ).chunk(2, dim=1)
     out = linear(mod(layernorm(h), shift, scale), P["final_layer.linear.weight"], P["final_layer.linear.bias"])
     return out.reshape(B, N * p)[:, :G]
 
@@ -223,7 +237,9 @@ def test_zero_init_predicts_exact_zeros(cls, num_classes):
     out = model(x * 10, t, y)
     assert torch.equal(out, torch.zeros_like(out))
     # ...but the trunk is not degenerate: weights that DiT does not zero are non-zero.
-    assert model.x_embedder.weight.abs().sum() > 0 and model.t_embedder[0].weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert model.x_embedder.weight.abs().sum() > 0 and model.t_embedder[0].weight.std().item() == pytest.approx(
+        0.02, rel=0.2
+    )
     for blk in model.blocks:
         assert not blk.adaLN_modulation[-1].weight.any() and not blk.adaLN_modulation[-1].bias.any()
 
@@ -241,8 +257,11 @@ def test_build_model_and_arch_name():
 @pytest.mark.parametrize("cls", ARCHS)
 @pytest.mark.parametrize("n_genes,patch_size,num_classes", [(37, 10, 3), (12, 1, None)])
 def test_whole_network_equals_design_formulas(cls, n_genes, patch_size, num_classes):
-    model = randomize(cls(n_genes=n_genes, patch_size=patch_size, num_classes=num_classes,
-                          hidden_size=32, depth=2, num_heads=4), seed=3, std=0.1)
+    model = randomize(
+        cls(n_genes=n_genes, patch_size=patch_size, num_classes=num_classes, hidden_size=32, depth=2, num_heads=4),
+        seed=3,
+        std=0.1,
+    )
     x, t, y = inputs(model, batch=4, seed=5)
     got = model(x, t, y)
     want = forward_formula(model, x, t, y)
@@ -254,8 +273,9 @@ def test_mssa_module_equals_formula():
     torch.manual_seed(0)
     blk = randomize(WhiteBoxDiT(n_genes=40, **TINY)).blocks[0]
     x = torch.randn(3, 6, 32)
-    want = mssa_formula(x.double(), blk.attn.U.weight.double(), blk.attn.proj.weight.double(),
-                        blk.attn.proj.bias.double(), heads=2)
+    want = mssa_formula(
+        x.double(), blk.attn.U.weight.double(), blk.attn.proj.weight.double(), blk.attn.proj.bias.double(), heads=2
+    )
     close(blk.attn(x), want)
     # Q = K = V: the module has one projection, not three.
     assert [n for n, _ in blk.attn.named_parameters()] == ["U.weight", "proj.weight", "proj.bias"]
@@ -276,8 +296,14 @@ def test_dit_attention_module_equals_formula():
     torch.manual_seed(0)
     attn = randomize(DiT(n_genes=40, **TINY)).blocks[0].attn
     x = torch.randn(3, 6, 32)
-    want = attention_formula(x.double(), attn.qkv.weight.double(), attn.qkv.bias.double(),
-                             attn.proj.weight.double(), attn.proj.bias.double(), heads=2)
+    want = attention_formula(
+        x.double(),
+        attn.qkv.weight.double(),
+        attn.qkv.bias.double(),
+        attn.proj.weight.double(),
+        attn.proj.bias.double(),
+        heads=2,
+    )
     close(attn(x), want)
 
 
@@ -339,11 +365,14 @@ def test_unfused_runs_reference():
     assert rep["mssa"] == rep["ista"] == rep["attention"] == "reference"
 
 
-@pytest.mark.parametrize("op,args,name", [
-    ("mssa", _mssa_args, "cpu-sdpa"),
-    ("ista", _ista_args, "cpu-1gemm"),
-    ("attention", _attention_args, "sdpa"),
-])
+@pytest.mark.parametrize(
+    "op,args,name",
+    [
+        ("mssa", _mssa_args, "cpu-sdpa"),
+        ("ista", _ista_args, "cpu-1gemm"),
+        ("attention", _attention_args, "sdpa"),
+    ],
+)
 def test_cpu_fast_paths_equal_reference_fwd_bwd(monkeypatch, op, args, name):
     ops.available()  # load the real backends under the test-wide TRITON_INTERPRET, before changing it
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -382,7 +411,12 @@ def builtin_cpu_ops_only(monkeypatch):
 
 def _patch_args():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(2, 25, generator=g), torch.randn(8, 10, generator=g), torch.randn(8, generator=g), torch.randn(3, 8, generator=g)
+    return (
+        torch.randn(2, 25, generator=g),
+        torch.randn(8, 10, generator=g),
+        torch.randn(8, generator=g),
+        torch.randn(3, 8, generator=g),
+    )
 
 
 def test_missing_fast_impl_warns_once_and_runs_reference(builtin_cpu_ops_only):

@@ -6,6 +6,7 @@ measure the kernels' own fp32 error; the fp32 dW of the kernels is held to its f
 rounding-error bound (``_dw_error_bound``), which holds whatever BLAS kernel or tensor-core path
 runs the products. GPU-only cases (16-bit dtypes, the seed shape) skip without CUDA.
 """
+
 import math
 import subprocess
 import sys
@@ -115,13 +116,22 @@ def _dw_error_bound(w, dout, heads, arith: Fp32Arith):
     l_acc = arith.sum_error(torch.ones_like(minor), minor, N + nb_f) + nb_f * u * minor
     l_alpha = (nb_f * (arith.exp2 + u) + u * (M - S.amin(-1, keepdim=True))) * minor
     # lse = m + log2(l), in natural units (a log2-unit error times ln 2).
-    e_lse = ((P * rho_f).sum(-1, keepdim=True) + l_acc + l_alpha + u * lse.abs()
-             + math.log(2) * arith.log2 * ((lse - M) / math.log(2)).clamp_min(1))
+    e_lse = (
+        (P * rho_f).sum(-1, keepdim=True)
+        + l_acc
+        + l_alpha
+        + u * lse.abs()
+        + math.log(2) * arith.log2 * ((lse - M) / math.log(2)).clamp_min(1)
+    )
     # O = acc / l shares p and alpha with l: p's errors move O along w_j - O (bounded with
     # Cauchy-Schwarz), then acc's sum, acc's rescales, l's own rounding and the division.
     spread = ((P @ W.square()) - Out.square()).clamp_min(0).sqrt()
-    e_O = ((P * rho_f.square()).sum(-1, keepdim=True).sqrt() * spread
-           + arith.sum_error(PaW, R, N + nb_f) + nb_f * u * R + (l_acc + u) * Out.abs())
+    e_O = (
+        (P * rho_f.square()).sum(-1, keepdim=True).sqrt() * spread
+        + arith.sum_error(PaW, R, N + nb_f)
+        + nb_f * u * R
+        + (l_acc + u) * Out.abs()
+    )
     e_delta = arith.gamma(d) * (aD * Out.abs()).sum(-1, keepdim=True) + (aD * e_O).sum(-1, keepdim=True)
 
     # Backward: P_IJ = 2^(s_IJ - L_I) and (P_JI)^T = 2^(s_IJ - L_J) with a fresh score s_IJ.
@@ -130,8 +140,9 @@ def _dw_error_bound(w, dout, heads, arith: Fp32Arith):
     e_X = arith.gamma(d) * (aD @ aW.mT) + e_delta + u * X.abs()
     e_Xt = arith.gamma(d) * (aW @ aD.mT) + e_delta.mT + u * X.mT.abs()
     # c (dS + dS^T): two products, their sum, the fp32 c and the multiply.
-    e_ds = c * (P * (e_X + (rho + u) * X.abs()) + P.mT * (e_Xt + (rho_t + u) * X.mT.abs())
-                + 3 * u * (dS.abs() + dS.mT.abs()))
+    e_ds = c * (
+        P * (e_X + (rho + u) * X.abs()) + P.mT * (e_Xt + (rho_t + u) * X.mT.abs()) + 3 * u * (dS.abs() + dS.mT.abs())
+    )
     # dW_I = sum_J c (dS + dS^T)_IJ W_J + (P_JI)^T dO_J: propagated errors, then the 2N-term sum.
     terms = c * (dS + dS.mT).abs() @ aW + P.mT @ aD
     bound = e_ds @ aW + (P.mT * rho_t) @ aD + arith.gamma(2 * N + 2 * nb_b) * terms
@@ -159,15 +170,21 @@ def test_kernels_write_every_element_and_match_reference(B, N, heads, d, scale):
 def test_16bit_tile_configs(monkeypatch, B, N, heads, d):
     """The (larger) tiles the heuristics pick for 16-bit inputs, run on fp32 data: the interpreter
     cannot multiply 16-bit tiles, but block sizes and masks are what this checks."""
+
     def fp32_products(specs):
         # The 16-bit tiles, with the fp32 products (tf32x3 on a GPU) that fp32 data needs.
-        return [s._replace(constexprs={**s.constexprs, "DOT_PRECISION": dot_precision(torch.float32)})
-                if "DOT_PRECISION" in s.constexprs else s for s in specs]
+        return [
+            s._replace(constexprs={**s.constexprs, "DOT_PRECISION": dot_precision(torch.float32)})
+            if "DOT_PRECISION" in s.constexprs
+            else s
+            for s in specs
+        ]
 
     for name in ("forward_specs", "backward_specs"):
         specs = getattr(kmssa, name)
-        monkeypatch.setattr(kmssa, name,
-                            lambda shape, specs=specs: fp32_products(specs(shape._replace(dtype=torch.bfloat16))))
+        monkeypatch.setattr(
+            kmssa, name, lambda shape, specs=specs: fp32_products(specs(shape._replace(dtype=torch.bfloat16)))
+        )
     w, dout = _inputs(B, N, heads, d, 1.0, seed=N + d)
     exp_out, exp_lse, exp_dw = _expected(w, dout, heads)
     out, lse = torch.full_like(w, float("nan")), torch.full((B, heads, N), float("nan"), device=DEVICE)
@@ -231,19 +248,27 @@ def test_rejects_unsupported_inputs():
 
 
 def test_without_triton_the_import_fails_cleanly_and_ops_says_why():
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "try:\n    import wbdit.kernels\nexcept ImportError:\n    pass\nelse:\n    sys.exit('imported')\n"
-            "from wbdit import ops\nprint(ops.available()['unavailable'])")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "try:\n    import wbdit.kernels\nexcept ImportError:\n    pass\nelse:\n    sys.exit('imported')\n"
+        "from wbdit import ops\nprint(ops.available()['unavailable'])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "triton: ModuleNotFoundError" in proc.stdout  # a subclass of ImportError
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype,B,N,heads,d", [
-    (torch.bfloat16, 256, 200, 8, 96), (torch.bfloat16, 4, 257, 4, 128), (torch.bfloat16, 8, 200, 12, 64),
-    (torch.bfloat16, 2, 1, 2, 32), (torch.float16, 256, 200, 8, 96),
-])
+@pytest.mark.parametrize(
+    "dtype,B,N,heads,d",
+    [
+        (torch.bfloat16, 256, 200, 8, 96),
+        (torch.bfloat16, 4, 257, 4, 128),
+        (torch.bfloat16, 8, 200, 12, 64),
+        (torch.bfloat16, 2, 1, 2, 32),
+        (torch.float16, 256, 200, 8, 96),
+    ],
+)
 def test_gpu_16bit_matches_reference(dtype, B, N, heads, d):
     w, dout = _inputs(B, N, heads, d, 1.0, seed=13, dtype=dtype)
     exp_out, _, exp_dw = _expected(w, dout, heads)

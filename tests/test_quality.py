@@ -1,4 +1,5 @@
 """A conditional model learns cell-type structure: generated cells express their own markers."""
+
 import numpy as np
 
 from wbdit import datasets
@@ -13,10 +14,19 @@ def test_generated_cells_express_their_own_markers_not_the_others(tmp_path):
     # Two types with disjoint markers: type k's genes k*8..k*8+7 are 20x up in k, 1/50 in the other.
     adata = datasets.synthetic(n_cells=256, n_genes=40, n_types=2, markers_per_type=MARKERS, seed=3)
     model = WhiteBoxDiT(n_genes=40, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=2)
-    run = train(adata, model, label_key="cell_type", out_dir=tmp_path / "run", epochs=40, batch_size=32,
-                device="cpu", progress=False)
-    gen = sample(run, n_cells=80, cell_types={"type_0": 40, "type_1": 40}, steps=20, cfg_scale=1.5,
-                 device="cpu", progress=False)
+    run = train(
+        adata,
+        model,
+        label_key="cell_type",
+        out_dir=tmp_path / "run",
+        epochs=40,
+        batch_size=32,
+        device="cpu",
+        progress=False,
+    )
+    gen = sample(
+        run, n_cells=80, cell_types={"type_0": 40, "type_1": 40}, steps=20, cfg_scale=1.5, device="cpu", progress=False
+    )
     X = gen.X.toarray()
     types = gen.obs["cell_type"].astype(str).to_numpy()
     own = {k: slice(k * MARKERS, (k + 1) * MARKERS) for k in (0, 1)}

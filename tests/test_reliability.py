@@ -1,6 +1,7 @@
 """What happens when things go wrong: diverging training, damaged checkpoints, NaN samples, a
 second writer, TPM-like input and hostile files (README, "What happens when things go wrong").
 Killed-and-resumed training is in tests/test_streaming.py (KILL_CHILD)."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,20 @@ from wbdit.sampling import sample
 from wbdit.trainer import NONFINITE_PATIENCE, TrainHook
 
 TINY = dict(patch_size=10, hidden_size=16, depth=1, num_heads=2)
-TINY_CLI = ["--hidden-size", "16", "--depth", "1", "--num-heads", "2", "--patch-size", "10", "--batch-size", "16",
-            "--device", "cpu"]
+TINY_CLI = [
+    "--hidden-size",
+    "16",
+    "--depth",
+    "1",
+    "--num-heads",
+    "2",
+    "--patch-size",
+    "10",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+]
 
 
 def counts(n_cells=48, seed=0) -> ad.AnnData:
@@ -61,8 +74,18 @@ def tiny(n, c):
 
 
 def quick_train(adata, out_dir, model=tiny, **kw):
-    kw = dict(dict(label_key="cell_type", epochs=2, batch_size=16, lr=3e-3, device="cpu", progress=False,
-                   diffusion=GaussianDiffusion(num_timesteps=50)), **kw)
+    kw = dict(
+        dict(
+            label_key="cell_type",
+            epochs=2,
+            batch_size=16,
+            lr=3e-3,
+            device="cpu",
+            progress=False,
+            diffusion=GaussianDiffusion(num_timesteps=50),
+        ),
+        **kw,
+    )
     return wbdit.train(adata, model, out_dir=out_dir, **kw)
 
 
@@ -106,8 +129,10 @@ def same(a: dict, b: dict) -> bool:
 def test_nonfinite_steps_are_not_applied_and_three_in_a_row_stop_training(tmp_path):
     """3 steps per epoch, a checkpoint every step; NaN at step 2, then at 5, 6, 7."""
     model, after = nan_at_steps({2, 5, 6, 7}), []
-    stopped = (r"not finite at steps 5 to 7 \(3 in a row\); they were not applied \(the weights are those of step "
-               r"4\) and .* keeps its checkpoint of step 6")
+    stopped = (
+        r"not finite at steps 5 to 7 \(3 in a row\); they were not applied \(the weights are those of step "
+        r"4\) and .* keeps its checkpoint of step 6"
+    )
     with pytest.raises(DivergedError, match=stopped):
         quick_train(counts(), tmp_path / "r", model, epochs=4, checkpoint_every=1, hook=Snapshots(model, after))
     assert NONFINITE_PATIENCE == 3 and len(after) == 7
@@ -135,8 +160,21 @@ def test_skip_nonfinite_trains_on_counting_the_skipped_steps(tmp_path):
 def test_cli_train_that_diverges_exits_non_zero_and_keeps_a_finite_checkpoint(tmp_path, capsys):
     path = tmp_path / "cells.h5ad"
     write_h5ad(counts(), path)
-    rc = main(["train", str(path), "--label-key", "cell_type", "--out", str(tmp_path / "r"), "--epochs", "3",
-               "--lr", "1e30", *TINY_CLI])
+    rc = main(
+        [
+            "train",
+            str(path),
+            "--label-key",
+            "cell_type",
+            "--out",
+            str(tmp_path / "r"),
+            "--epochs",
+            "3",
+            "--lr",
+            "1e30",
+            *TINY_CLI,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "wbdit train: error: training diverged: the loss or gradient norm was not finite at steps" in err
     assert "Traceback" not in err and "--skip-nonfinite" in err
@@ -201,8 +239,9 @@ def test_sample_refuses_to_write_non_finite_cells(tmp_path, capsys):
     ckpt["ema"] = {k: v * 1e30 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     torch.save(ckpt, tmp_path / "r" / CHECKPOINT)
     out = tmp_path / "gen.h5ad"
-    assert main(["sample", str(tmp_path / "r"), "--n-cells", "5", "--steps", "2", "-o", str(out), "--device",
-                 "cpu"]) == 2
+    assert (
+        main(["sample", str(tmp_path / "r"), "--n-cells", "5", "--steps", "2", "-o", str(out), "--device", "cpu"]) == 2
+    )
     assert "5 of 5 generated cells have non-finite values" in capsys.readouterr().err
     assert list(tmp_path.glob("gen*")) == []
 
@@ -284,8 +323,9 @@ def test_input_kind_overrides_and_their_refusals(tmp_path):
         Preprocessor.fit(tpm(counts()), input_kind="log-normalized")
     run = quick_train(counts(), tmp_path / "r", epochs=1, input_kind="tpm-like")  # e.g. rounded TPM
     assert run.preprocessor.input_kind == "tpm-like"
-    with pytest.raises(ValueError, match="counts=True needs a model trained on raw counts; this one was trained on "
-                                         "tpm-like data"):
+    with pytest.raises(
+        ValueError, match="counts=True needs a model trained on raw counts; this one was trained on tpm-like data"
+    ):
         sample(run, n_cells=2, steps=2, counts=True, device="cpu", progress=False)
 
 
@@ -293,8 +333,21 @@ def test_tpm_file_trains_with_gene_selection_and_evaluates_in_log_space(tmp_path
     """The Smart-seq2 case of issue 19: TPM-like values, --n-top-genes."""
     real = tpm(counts(n_cells=64, seed=3))
     write_h5ad(real, tmp_path / "tpm.h5ad")
-    rc = main(["train", str(tmp_path / "tpm.h5ad"), "--label-key", "cell_type", "--out", str(tmp_path / "r"),
-               "--epochs", "1", "--n-top-genes", "10", *TINY_CLI])
+    rc = main(
+        [
+            "train",
+            str(tmp_path / "tpm.h5ad"),
+            "--label-key",
+            "cell_type",
+            "--out",
+            str(tmp_path / "r"),
+            "--epochs",
+            "1",
+            "--n-top-genes",
+            "10",
+            *TINY_CLI,
+        ]
+    )
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "input .X: non-integer values above 20, not logged (TPM" in printed.out  # the kind, printed
@@ -352,17 +405,20 @@ def _write(path, kind):
     write_h5ad(a, path)
 
 
-@pytest.mark.parametrize("kind,message", [
-    ("duplicated var_names", "var_names has 1 repeated gene names"),
-    ("zero genes", ".X has zero genes"),
-    ("NaN labels", "obs['cell_type'] has 10 missing labels"),
-    ("continuous numbers as labels", "obs['cell_type'] holds non-integer numbers (e.g. 0.1), not labels"),
-    ("empty-string labels", "obs['cell_type'] has 24 empty labels"),
-    ("float16 CSR data", "could not be read as AnnData: scipy.sparse does not support dtype float16"),
-    ("HDF5 but not AnnData", "an HDF5 file but not AnnData (it holds ['counts']"),
-    ("truncated half way", "truncated or damaged, HDF5 cannot open it"),
-    ("not HDF5", "not an .h5ad (HDF5) file"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("duplicated var_names", "var_names has 1 repeated gene names"),
+        ("zero genes", ".X has zero genes"),
+        ("NaN labels", "obs['cell_type'] has 10 missing labels"),
+        ("continuous numbers as labels", "obs['cell_type'] holds non-integer numbers (e.g. 0.1), not labels"),
+        ("empty-string labels", "obs['cell_type'] has 24 empty labels"),
+        ("float16 CSR data", "could not be read as AnnData: scipy.sparse does not support dtype float16"),
+        ("HDF5 but not AnnData", "an HDF5 file but not AnnData (it holds ['counts']"),
+        ("truncated half way", "truncated or damaged, HDF5 cannot open it"),
+        ("not HDF5", "not an .h5ad (HDF5) file"),
+    ],
+)
 def test_a_hostile_file_is_one_clear_error_and_writes_nothing(tmp_path, capsys, kind, message):
     path = tmp_path / "in.h5ad"
     _write(path, kind)
@@ -398,8 +454,17 @@ def _messy(kind):
     return a
 
 
-@pytest.mark.parametrize("kind", ["float16 dense X", "int64 X", "CSR with stored zeros", "CSR with unsorted indices",
-                                  "duplicated obs_names", "integer labels"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "float16 dense X",
+        "int64 X",
+        "CSR with stored zeros",
+        "CSR with unsorted indices",
+        "duplicated obs_names",
+        "integer labels",
+    ],
+)
 def test_an_unusual_but_valid_input_is_preprocessed_as_its_clean_twin(kind):
     """Each is the same data as a clean float32 CSR file (stored zeros: with those counts removed;
     float16: the values float16 holds, counts above 2048 rounded; integer labels: named "0", "1")."""

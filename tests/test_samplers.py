@@ -1,5 +1,6 @@
 """Samplers against exact answers: DPM-Solver++(2M) on Gaussian data with the exact denoiser,
 its first step against DDIM, x0 clipping, and guidance limited to an interval of t."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Training (overfit, exact resume, refusals) and sampling (AnnData out, counts, errors) on tiny runs."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,13 @@ import scipy.sparse as sp
 import torch
 
 from wbdit import datasets
+from wbdit.checkpoint import CHECKPOINT, LOG, PREVIOUS, load_checkpoint
 from wbdit.data import read_h5ad, write_h5ad
-from wbdit.preprocessing import Preprocessor
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import DiT, WhiteBoxDiT
-from wbdit.sampling import plan_labels, sample
-from wbdit.checkpoint import CHECKPOINT, LOG, PREVIOUS, load_checkpoint
+from wbdit.preprocessing import Preprocessor
 from wbdit.run import Run, TrainConfig
+from wbdit.sampling import plan_labels, sample
 from wbdit.trainer import learning_rate, train
 
 TINY = dict(patch_size=10, hidden_size=32, depth=1, num_heads=2)
@@ -31,8 +32,15 @@ def tiny_data(n_cells=48, n_genes=25, seed=0) -> ad.AnnData:
 
 
 def quick_train(adata, out_dir, model=None, **kw):
-    kw = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "device": "cpu", "progress": False,
-          "diffusion": GaussianDiffusion(num_timesteps=100), **kw}
+    kw = {
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "device": "cpu",
+        "progress": False,
+        "diffusion": GaussianDiffusion(num_timesteps=100),
+        **kw,
+    }
     return train(adata, model or tiny(), out_dir=out_dir, **kw)
 
 
@@ -54,8 +62,19 @@ def run(run_dir):
 
 def test_tiny_model_overfits_tiny_dataset(tmp_path):
     a = datasets.synthetic(n_cells=32, n_genes=20, n_types=2, markers_per_type=5, seed=0)
-    r = train(a, tiny(), label_key="cell_type", out_dir=tmp_path / "r", epochs=80, batch_size=16, lr=1e-2,
-              label_dropout=0.0, device="cpu", progress=False, diffusion=GaussianDiffusion(prediction="epsilon"))
+    r = train(
+        a,
+        tiny(),
+        label_key="cell_type",
+        out_dir=tmp_path / "r",
+        epochs=80,
+        batch_size=16,
+        lr=1e-2,
+        label_dropout=0.0,
+        device="cpu",
+        progress=False,
+        diffusion=GaussianDiffusion(prediction="epsilon"),
+    )
     losses = [rec["loss"] for rec in r.history]
     assert len(losses) == 80 and all(np.isfinite(losses))
     first, last = losses[0], float(np.mean(losses[-8:]))
@@ -139,12 +158,15 @@ def test_resume_without_checkpoint_errors(tmp_path):
         quick_train(tiny_data(n_cells=16), tmp_path / "empty", resume=True)
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(model=tiny(hidden_size=64)), "checkpoint model_config"),
-    (dict(model=tiny(DiT)), "checkpoint arch"),
-    (dict(diffusion=GaussianDiffusion(num_timesteps=100, prediction="v")), "checkpoint diffusion"),
-    (dict(lr=1e-3), "training settings differ"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(model=tiny(hidden_size=64)), "checkpoint model_config"),
+        (dict(model=tiny(DiT)), "checkpoint arch"),
+        (dict(diffusion=GaussianDiffusion(num_timesteps=100, prediction="v")), "checkpoint diffusion"),
+        (dict(lr=1e-3), "training settings differ"),
+    ],
+)
 def test_resume_refuses_another_config(tmp_path, change, match):
     a = tiny_data(n_cells=16)
     quick_train(a, tmp_path / "r", epochs=1)
@@ -196,7 +218,8 @@ def test_sample_writes_genes_labels_and_provenance(run):
     assert np.isfinite(X).all() and (X >= 0).all() and X.max() > 0
     assert (X <= np.asarray(run.preprocessor.x_max, dtype=np.float32) + 1e-6).all()
     u = gen.uns["wbdit"]
-    assert u["arch"] == "wbdit" and u["sampler"] == "ddim" and u["steps"] == 5 and u["seed"] == 0
+    assert u["arch"] == "wbdit" and u["sampler"] == "dpm++2m" and u["steps"] == 5 and u["seed"] == 0
+    assert u["cfg_scale"] == 1.5 and u["cfg_interval"] == [0.2, 0.8]  # the defaults: guidance on an interval of t
     assert u["model_config"] == dict(n_genes=25, num_classes=3, **TINY) and u["epoch"] == 3
     assert u["X"] == "log1p(normalize_total(counts, 1e4))" and u["prediction"] == "epsilon"
 
@@ -225,8 +248,14 @@ def test_per_cell_type_counts_are_honoured(run):
 
 
 def test_unrequested_cells_follow_training_proportions():
-    pre = Preprocessor(var_names=["a"], input_kind="counts", label_keys=["t"], label_categories=[["x", "y"]],
-                       label_combinations=[[0], [1]], combination_counts=[900, 100])
+    pre = Preprocessor(
+        var_names=["a"],
+        input_kind="counts",
+        label_keys=["t"],
+        label_categories=[["x", "y"]],
+        label_combinations=[[0], [1]],
+        combination_counts=[900, 100],
+    )
     labels = plan_labels(pre, 2000, seed=0)
     assert labels.shape == (2000,) and abs((labels == 0).mean() - 0.9) < 0.03
 

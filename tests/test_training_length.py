@@ -1,4 +1,5 @@
 """The default training length (a rule on the number of cells) and the one progress report over a run."""
+
 from __future__ import annotations
 
 import io
@@ -14,12 +15,15 @@ from wbdit.run import TrainConfig, default_epochs
 TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "10", "--reference"]
 
 
-@pytest.mark.parametrize("n_cells, batch, epochs", [
-    (490, 32, 450),  # 70% of the bundled PBMC cells: the demo's 6,750 steps
-    (20000, 32, 16),  # 625 steps an epoch: 10,000 steps
-    (100000, 32, 16),  # large: 16 passes
-    (48, 64, 6750),  # fewer cells than a batch: one step an epoch
-])
+@pytest.mark.parametrize(
+    "n_cells, batch, epochs",
+    [
+        (490, 32, 450),  # 70% of the bundled PBMC cells: the demo's 6,750 steps
+        (20000, 32, 16),  # 625 steps an epoch: 10,000 steps
+        (100000, 32, 16),  # large: 16 passes
+        (48, 64, 6750),  # fewer cells than a batch: one step an epoch
+    ],
+)
 def test_default_epochs(n_cells, batch, epochs):
     assert default_epochs(n_cells, batch) == epochs
 
@@ -34,8 +38,24 @@ def test_cli_default_run_prints_its_plan_and_reports_progress_in_lines(tmp_path,
     monkeypatch.setattr("wbdit.run.MIN_STEPS", 20)
     monkeypatch.setattr("wbdit.run.MIN_EPOCHS", 10)
     write_h5ad(datasets.synthetic(n_cells=48, n_genes=25, n_types=3, markers_per_type=5), tmp_path / "cells.h5ad")
-    assert main(["train", str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "r"), "--batch-size", "16",
-                 "--label-key", "cell_type", "--device", "cpu", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "cells.h5ad"),
+                "--out",
+                str(tmp_path / "r"),
+                "--batch-size",
+                "16",
+                "--label-key",
+                "cell_type",
+                "--device",
+                "cpu",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "plan: 30 optimizer steps = 10 epochs of 3 batches of 16 cells (the default for 48 cells" in out
     assert "trained 10 epochs" in out and "epoch 1:" not in out  # one report, not one per epoch

@@ -1,4 +1,5 @@
 """White-box measures (wbdit.whitebox) on closed forms, and the inspection on tiny models."""
+
 from __future__ import annotations
 
 import json
@@ -71,10 +72,13 @@ def test_compression_rate_closed_form_and_head_layout():
     U = torch.randn(d, d, dtype=torch.float64)
     z = torch.randn(2, n, d, dtype=torch.float64)
     w = (z @ U.T).view(2, n, heads, p)
-    direct = sum(0.5 * torch.logdet(torch.eye(n, dtype=torch.float64) + p / (n * EPS**2) * w[:, :, k] @ w[:, :, k].mT)
-                 for k in range(heads))
-    torch.testing.assert_close(compression_rate(z, head_bases(U, heads, orthonormal=False)), direct,
-                               rtol=1e-12, atol=1e-12)
+    direct = sum(
+        0.5 * torch.logdet(torch.eye(n, dtype=torch.float64) + p / (n * EPS**2) * w[:, :, k] @ w[:, :, k].mT)
+        for k in range(heads)
+    )
+    torch.testing.assert_close(
+        compression_rate(z, head_bases(U, heads, orthonormal=False)), direct, rtol=1e-12, atol=1e-12
+    )
     # orthonormal bases: R^c depends on the heads' subspaces only, not on a rescaling / mixing inside a head
     mix = torch.block_diag(*[torch.randn(p, p, dtype=torch.float64) + 3 * torch.eye(p) for _ in range(heads)])
     mixed = compression_rate(z, head_bases(mix @ U, heads))
@@ -86,8 +90,12 @@ def test_measures_invariant_to_token_order():
     z = torch.randn(3, 9, 12, generator=g, dtype=torch.float64)
     bases = head_bases(torch.randn(12, 12, generator=g, dtype=torch.float64), 4)
     perm = torch.randperm(9, generator=g)
-    for f in (lambda x: coding_rate(x), lambda x: compression_rate(x, bases),
-              lambda x: sparse_rate_reduction(x, bases, 0.1), lambda x: code_sparsity(x.relu())["hoyer"]):
+    for f in (
+        lambda x: coding_rate(x),
+        lambda x: compression_rate(x, bases),
+        lambda x: sparse_rate_reduction(x, bases, 0.1),
+        lambda x: code_sparsity(x.relu())["hoyer"],
+    ):
         torch.testing.assert_close(f(z[:, perm]), f(z), rtol=1e-12, atol=1e-12)
 
 
@@ -189,7 +197,11 @@ def test_inspect_and_report_side_by_side(tmp_path):
     assert wbdit.inspect is inspect  # the package-level name
     paths = write_report([wb, dit], tmp_path)
     assert {p.rsplit("/", 1)[-1] for p in paths} == {
-        "whitebox.json", "whitebox.txt", "whitebox_coding_rate.png", "whitebox_sparsity.png"}
+        "whitebox.json",
+        "whitebox.txt",
+        "whitebox_coding_rate.png",
+        "whitebox_sparsity.png",
+    }
     doc = json.loads((tmp_path / "whitebox.json").read_text())
     assert [m["arch"] for m in doc["models"]] == ["wbdit", "dit"] and doc["eps"] == EPS
     assert "Rc_delta" in (tmp_path / "whitebox.txt").read_text()
@@ -225,14 +237,37 @@ def test_cli_train_inspect_every_inspect_and_report(tmp_path, capsys):
     out = tmp_path / "run"
     # --reference: the fast paths would run Triton's interpreter here (TRITON_INTERPRET=1), slow and not under test
     tiny = ["--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--patch-size", "5"]
-    assert main(["train", str(data), "--label-key", "cell_type", "--out", str(out), "--epochs", "2",
-                 "--batch-size", "16", "--device", "cpu", "--inspect-every", "2", "--reference", *tiny]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--label-key",
+                "cell_type",
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--inspect-every",
+                "2",
+                "--reference",
+                *tiny,
+            ]
+        )
+        == 0
+    )
     log = read_log(out)
     assert "whitebox" not in log[0] and np.asarray(log[1]["whitebox"]["Rc_delta"]).shape == (2, 5)
     assert main(["report", str(out)]) == 0
     assert (out / "training_whitebox.png").exists()
-    assert main(["inspect", str(out), "--data", str(data), "-o", str(tmp_path / "ins"), "--t", "0,999",
-                 "--n-cells", "20"]) == 0
+    assert (
+        main(["inspect", str(out), "--data", str(data), "-o", str(tmp_path / "ins"), "--t", "0,999", "--n-cells", "20"])
+        == 0
+    )
     doc = json.loads((tmp_path / "ins" / "whitebox.json").read_text())
     assert doc["models"][0]["t"] == [0, 999] and doc["models"][0]["conditioning"] == "cell types"
     assert "Rc_after" in capsys.readouterr().out

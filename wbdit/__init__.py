@@ -10,6 +10,7 @@ The model, ops, kernels and diffusion need torch and numpy only. The names that 
 write AnnData (``train``, ``sample``, ``datasets``...) or evaluate (``evaluate``) load their
 modules on first use, so ``import wbdit`` works without anndata, scanpy or scikit-learn.
 """
+
 import importlib
 import os
 

@@ -1,4 +1,5 @@
 """Atomic output files: write to a temporary name, rename on success, delete on failure."""
+
 from __future__ import annotations
 
 import contextlib

@@ -14,6 +14,7 @@ and nothing else, so a generative model is worth its training only where it beat
 ``baseline_cells`` wraps either as an AnnData, so it can be passed to ``wbdit.evaluate`` (or
 any other tool) in place of generated cells.
 """
+
 from __future__ import annotations
 
 import anndata as ad
@@ -42,8 +43,14 @@ def _resample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 _DRAW = {"gaussian": _gaussian, "resample": _resample}
 
 
-def draw(name: str, fit_x: np.ndarray, fit_labels: np.ndarray | None, like_labels: np.ndarray | None, n: int,
-         rng: np.random.Generator) -> np.ndarray:
+def draw(
+    name: str,
+    fit_x: np.ndarray,
+    fit_labels: np.ndarray | None,
+    like_labels: np.ndarray | None,
+    n: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Cells (float32, len(like_labels) or n x genes) from baseline ``name`` fit on ``fit_x`` (cells x genes).
 
     With labels on both sides, each type of ``like_labels`` is drawn from the fit cells of
@@ -63,8 +70,14 @@ def draw(name: str, fit_x: np.ndarray, fit_labels: np.ndarray | None, like_label
     return out
 
 
-def baseline_cells(name: str, train: ad.AnnData, cell_types: dict[str, int] | None = None, n_cells: int | None = None,
-                   label_key: str = "cell_type", seed: int = 0) -> ad.AnnData:
+def baseline_cells(
+    name: str,
+    train: ad.AnnData,
+    cell_types: dict[str, int] | None = None,
+    n_cells: int | None = None,
+    label_key: str = "cell_type",
+    seed: int = 0,
+) -> ad.AnnData:
     """Baseline ``name`` fit on ``train`` (raw counts or log-normalized ``.X``) as an AnnData.
 
     ``cell_types`` maps type -> count (fit per type on ``train.obs[label_key]``); else

@@ -1,5 +1,6 @@
 """Shuffled mini-batches for the trainer, read in chunks so that cells in memory and cells
 streamed from a file see identical batches."""
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -44,8 +45,13 @@ class CellBatches:
     """
 
     def __init__(
-        self, logx, labels: np.ndarray | None, pre, batch_size: int,
-        chunk_cells: int = CHUNK_CELLS, window_chunks: int = WINDOW_CHUNKS,
+        self,
+        logx,
+        labels: np.ndarray | None,
+        pre,
+        batch_size: int,
+        chunk_cells: int = CHUNK_CELLS,
+        window_chunks: int = WINDOW_CHUNKS,
     ):
         if logx.shape[0] == 0:
             raise ValueError("no cells to train on")
@@ -77,9 +83,9 @@ class CellBatches:
             with nvtx_range("data_load"):
                 window = sp.vstack([self.logx[k * c : min((k + 1) * c, n)] for k in chunks], format="csr")
                 cells = np.concatenate([np.arange(k * c, min((k + 1) * c, n)) for k in chunks])
-            perm = perm[max(skip - begin, 0):]
+            perm = perm[max(skip - begin, 0) :]
             while b < len(self) and len(perm):
-                take, perm = perm[: size - len(ids)], perm[size - len(ids):]
+                take, perm = perm[: size - len(ids)], perm[size - len(ids) :]
                 ids = np.concatenate([ids, cells[take]])
                 part = window[take] if part is None else sp.vstack([part, window[take]], format="csr")
                 if len(ids) == size:

@@ -12,6 +12,7 @@ written. ``load_checkpoint`` verifies the newest (it loads, every tensor is fini
 back to the previous one with a warning that says which steps were lost. ``log.jsonl`` is
 strict JSON (non-finite numbers are written as null).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,11 @@ def load_checkpoint(out_dir: str | os.PathLike, discard_bad: bool = False) -> di
     if discard_bad and newest.exists():
         os.replace(newest, newest.with_name(BAD))
         moved = f"; moved it to {BAD}"
-    warnings.warn(f"{problem}{moved}. Using the previous checkpoint {previous} (epoch {ckpt['epoch']}, step "
-                  f"{ckpt['step']}): what was trained after step {ckpt['step']} is lost", stacklevel=2)
+    warnings.warn(
+        f"{problem}{moved}. Using the previous checkpoint {previous} (epoch {ckpt['epoch']}, step "
+        f"{ckpt['step']}): what was trained after step {ckpt['step']} is lost",
+        stacklevel=2,
+    )
     return ckpt
 
 
@@ -80,8 +84,10 @@ def save_checkpoint(out_dir: str | os.PathLike, state: dict[str, Any], record: d
     """
     bad = nonfinite_tensors(state)
     if bad:
-        raise DivergedError(f"refusing to write a checkpoint at step {state.get('step')} with non-finite values in "
-                            f"{_names(bad)}: training diverged; {out_dir} keeps its earlier checkpoints")
+        raise DivergedError(
+            f"refusing to write a checkpoint at step {state.get('step')} with non-finite values in "
+            f"{_names(bad)}: training diverged; {out_dir} keeps its earlier checkpoints"
+        )
     newest = Path(out_dir) / CHECKPOINT
     with atomic_path(newest) as tmp:
         line = None if record is None else _json_line(record)

@@ -11,6 +11,7 @@ CUDA allocator state belong to that variant alone. Outputs in ``out_dir``:
 ``compare.json``, ``compare.md`` (a markdown table), ``compare_time.png`` (seconds per
 epoch) and ``compare_metrics.png`` (loss and evaluation metrics against epoch).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ VARIANTS: dict[str, tuple[str, bool]] = {
     "dit-fused": ("dit", True),
 }
 # the ops each architecture dispatches through wbdit.ops (ops.report() is process-wide)
-ARCH_OPS = {"wbdit": ("patch_embed", "timestep_embedding", "mssa", "ista"),
-            "dit": ("patch_embed", "timestep_embedding", "attention")}
+ARCH_OPS = {
+    "wbdit": ("patch_embed", "timestep_embedding", "mssa", "ista"),
+    "dit": ("patch_embed", "timestep_embedding", "attention"),
+}
 STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]  # identical curves stay visible
 LABEL_KEY = "cell_type"
 MiB = 2**20
@@ -68,8 +71,9 @@ class CompareConfig:
     n_genes: int = 2000
     n_types: int = 10
     held_out: float = 0.3
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, batch_size=64, eval_every=5,
-                                                                   eval_cells=200))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=10, batch_size=64, eval_every=5, eval_cells=200)
+    )
     isolate: bool = True
     baselines: bool = False  # also run the per-gene Gaussian and resampling baselines through the same evaluator
 
@@ -102,8 +106,10 @@ class CompareConfig:
     def describe_data(self) -> str:
         if self.data == "pbmc":
             return "PBMC68k reduced (scanpy's bundled 10x_pbmc68k_reduced.h5ad): 700 real cells x 765 genes, 10 types"
-        return (f"synthetic negative-binomial counts (wbdit.datasets.synthetic, seed {self.train.seed}): "
-                f"{self.n_cells} cells x {self.n_genes} genes, {self.n_types} types")
+        return (
+            f"synthetic negative-binomial counts (wbdit.datasets.synthetic, seed {self.train.seed}): "
+            f"{self.n_cells} cells x {self.n_genes} genes, {self.n_types} types"
+        )
 
 
 def prepare_data(config: CompareConfig, out_dir: Path) -> tuple[Path, Path]:
@@ -137,8 +143,9 @@ class _EpochMemory:
         self.meter.reset()
 
 
-def train_variant(name: str, config: CompareConfig, data: tuple[str, str], out_dir: str, device: str,
-                  progress: bool) -> dict:
+def train_variant(
+    name: str, config: CompareConfig, data: tuple[str, str], out_dir: str, device: str, progress: bool
+) -> dict:
     """Train one variant with ``wbdit.train``; return its parameter count, ops and epoch log."""
     arch, fused = VARIANTS[name]
     real_train, real_test = read_h5ad(data[0]), read_h5ad(data[1])
@@ -153,18 +160,31 @@ def train_variant(name: str, config: CompareConfig, data: tuple[str, str], out_d
     if config.train.eval_every:  # scikit-learn, POT: only when evaluating
         from wbdit.evaluation import during_training
 
-        evaluator = during_training(real_test, reference=real_train, n_cells=config.train.eval_cells,
-                                    seed=config.train.seed)
+        evaluator = during_training(
+            real_test, reference=real_train, n_cells=config.train.eval_cells, seed=config.train.seed
+        )
     run_dir = Path(out_dir) / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # compare owns its run directories: start afresh
     meter = PeakMemory(device)
     baseline = meter.current()
     meter.reset()
-    run = train(real_train, factory, label_key=LABEL_KEY, out_dir=run_dir,
-                config=config.train, evaluate=evaluator, device=device, progress=progress,
-                hook=_EpochMemory(meter), fused=fused)
+    run = train(
+        real_train,
+        factory,
+        label_key=LABEL_KEY,
+        out_dir=run_dir,
+        config=config.train,
+        evaluate=evaluator,
+        device=device,
+        progress=progress,
+        hook=_EpochMemory(meter),
+        fused=fused,
+    )
     return dict(
-        name=name, arch=arch, fused=fused, params=sum(p.numel() for p in built[0].parameters()),
+        name=name,
+        arch=arch,
+        fused=fused,
+        params=sum(p.numel() for p in built[0].parameters()),
         implementations={op: impl for op, impl in ops.report().items() if op in ARCH_OPS[arch]},
         memory=dict(kind=meter.kind, scope=meter.scope, baseline_bytes=baseline),
         history=run.history,
@@ -205,8 +225,12 @@ def speed_ratios(models: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def run_compare(out_dir: str | Path, config: CompareConfig | None = None, device: str | torch.device | None = None,
-                progress: bool = True) -> dict:
+def run_compare(
+    out_dir: str | Path,
+    config: CompareConfig | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
     """Train every variant in ``config.models``, then write compare.json, compare.md and the plots."""
     device = torch.device(device) if device is not None else default_device()
     config = config or CompareConfig.for_device(device)
@@ -224,12 +248,18 @@ def run_compare(out_dir: str | Path, config: CompareConfig | None = None, device
     if config.baselines:  # the trivial generators on the same split, through the same evaluator
         from wbdit.evaluation import baseline_headlines  # scikit-learn, POT: only when evaluating
 
-        baselines = baseline_headlines(read_h5ad(data[1]), read_h5ad(data[0]), LABEL_KEY, config.train.eval_cells,
-                                       seed=config.train.seed)
+        baselines = baseline_headlines(
+            read_h5ad(data[1]), read_h5ad(data[0]), LABEL_KEY, config.train.eval_cells, seed=config.train.seed
+        )
     report = dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=describe_machine(device),
-        device=str(device), data=config.describe_data(), config=asdict(config), models=models,
-        speed_ratios=speed_ratios(models), baselines=baselines,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=describe_machine(device),
+        device=str(device),
+        data=config.describe_data(),
+        config=asdict(config),
+        models=models,
+        speed_ratios=speed_ratios(models),
+        baselines=baselines,
     )
     with atomic_path(out / "compare.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
@@ -258,14 +288,21 @@ def markdown(report: dict) -> str:
         f"- Machine: {machine['device']} ({machine['cpu_cores']} CPU cores, torch {machine['torch']}, "
         f"{machine['torch_threads']} threads), {report['date']}",
         f"- Data: {report['data']}; {config['held_out']:.0%} held out for evaluation",
-        f"- Model size: {config['model']}; AdamW lr {config['train']['lr']}, warm-up {config['train']['warmup_steps']} steps, "
+        f"- Model size: {config['model']}; AdamW lr {config['train']['lr']}, "
+        f"warm-up {config['train']['warmup_steps']} steps, "
         f"EMA {config['train']['ema_decay']}, seed {config['train']['seed']}",
         f"- Time per epoch and cells/s: training only, median over epochs {timed[0]}..{timed[-1]}; "
         f"memory: {mem['kind']} ({mem['scope']}), max over epochs, evaluation epochs included"
-        + ("" if mem["kind"].startswith("cuda") else f"; the process held {mem['baseline_bytes'] / MiB:.0f} MiB "
-           "before training"),
-        f"- Evaluation: every {config['train']['eval_every']} epochs, {config['train']['eval_cells']} generated cells vs the held-out "
-        "cells (PCA space fitted on real cells; see wbdit.evaluation)" if config["train"]["eval_every"] else "- Evaluation: off",
+        + (
+            ""
+            if mem["kind"].startswith("cuda")
+            else f"; the process held {mem['baseline_bytes'] / MiB:.0f} MiB before training"
+        ),
+        f"- Evaluation: every {config['train']['eval_every']} epochs, "
+        f"{config['train']['eval_cells']} generated cells vs the held-out "
+        "cells (PCA space fitted on real cells; see wbdit.evaluation)"
+        if config["train"]["eval_every"]
+        else "- Evaluation: off",
         "",
         _row(["model", "params", "s/epoch", "cells/s", mem_head, "final loss", *metric_names]),
         _row(["---"] + ["---:"] * (5 + len(metric_names))),
@@ -273,19 +310,32 @@ def markdown(report: dict) -> str:
     for name, m in models.items():
         s = m["summary"]
         evals = s["eval"] or {}
-        lines.append(_row([
-            name, f"{m['params'] / 1e6:.2f} M", f"{s['epoch_time_s']:.2f}",
-            f"{s['cells_per_s']:.1f}" if s["cells_per_s"] < 100 else f"{s['cells_per_s']:.0f}",
-            f"{s['peak_mem_bytes'] / MiB:.0f}", f"{s['final_loss']:.4f}", *(format_value(evals.get(k)) for k in metric_names),
-        ]))
+        lines.append(
+            _row(
+                [
+                    name,
+                    f"{m['params'] / 1e6:.2f} M",
+                    f"{s['epoch_time_s']:.2f}",
+                    f"{s['cells_per_s']:.1f}" if s["cells_per_s"] < 100 else f"{s['cells_per_s']:.0f}",
+                    f"{s['peak_mem_bytes'] / MiB:.0f}",
+                    f"{s['final_loss']:.4f}",
+                    *(format_value(evals.get(k)) for k in metric_names),
+                ]
+            )
+        )
     for name, headline in report.get("baselines", {}).items():  # wbdit.baselines, same cells and evaluator
         lines.append(_row([f"baseline: {name}", *["-"] * 5, *(format_value(headline.get(k)) for k in metric_names)]))
     if report["speed_ratios"]:
-        lines += ["", "Per-epoch speed ratio (DiT time / WB-DiT time; > 1 means WB-DiT is faster): "
-                  + ", ".join(f"{k} = {v:.2f}x" for k, v in report["speed_ratios"].items())]
+        lines += [
+            "",
+            "Per-epoch speed ratio (DiT time / WB-DiT time; > 1 means WB-DiT is faster): "
+            + ", ".join(f"{k} = {v:.2f}x" for k, v in report["speed_ratios"].items()),
+        ]
     lines += ["", "Op implementations that ran:"]
-    lines += [f"- {name}: " + ", ".join(f"{op} = {impl}" for op, impl in sorted(m["implementations"].items()))
-              for name, m in models.items()]
+    lines += [
+        f"- {name}: " + ", ".join(f"{op} = {impl}" for op, impl in sorted(m["implementations"].items()))
+        for name, m in models.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -301,16 +351,28 @@ def plot(report: dict, out_dir: Path) -> list[str]:
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for (name, m), (marker, ls) in zip(models.items(), STYLES):
-        ax.plot([r["epoch"] for r in m["history"]], [r["epoch_time_s"] for r in m["history"]],
-                marker=marker, ls=ls, label=name)
+        ax.plot(
+            [r["epoch"] for r in m["history"]],
+            [r["epoch_time_s"] for r in m["history"]],
+            marker=marker,
+            ls=ls,
+            label=name,
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="training time per epoch (s)", title=report["machine"]["device"])
     ax.set_ylim(bottom=0)
     ax.legend()
     paths.append(save_figure(fig, str(out_dir / "compare_time.png")))
 
-    metric_names = sorted({k for m in models.values() for r in m["history"] for k, v in (r.get("eval") or {}).items()
-                           if isinstance(v, (int, float))})
+    metric_names = sorted(
+        {
+            k
+            for m in models.values()
+            for r in m["history"]
+            for k, v in (r.get("eval") or {}).items()
+            if isinstance(v, (int, float))
+        }
+    )
     panels = ["loss"] + metric_names
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)

@@ -1,4 +1,5 @@
 """AnnData files: reading with errors that name the file, atomic writing, row blocks read on demand."""
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,10 @@ class H5Matrix:
         elem = self.file["X"] if layer is None else self.file["layers"][layer]
         self.sparse = isinstance(elem, h5py.Group)
         if self.sparse and elem.attrs.get("encoding-type") != "csr_matrix":
-            raise ValueError(f"{path}: backed training reads rows and needs a CSR or dense matrix, "
-                             f"not {elem.attrs.get('encoding-type')}; convert with adata.X = adata.X.tocsr()")
+            raise ValueError(
+                f"{path}: backed training reads rows and needs a CSR or dense matrix, "
+                f"not {elem.attrs.get('encoding-type')}; convert with adata.X = adata.X.tocsr()"
+            )
         self.elem = elem
         self.shape = tuple(int(d) for d in elem.attrs["shape"]) if self.sparse else elem.shape
 
@@ -85,8 +88,9 @@ class H5Matrix:
             return sp.csr_matrix(self.elem[start:stop], dtype=np.float32)
         ptr = self.elem["indptr"][start : stop + 1].astype(np.int64)
         data = self.elem["data"][ptr[0] : ptr[-1]].astype(np.float32, copy=False)
-        return sp.csr_matrix((data, self.elem["indices"][ptr[0] : ptr[-1]], ptr - ptr[0]),
-                             shape=(stop - start, self.shape[1]))
+        return sp.csr_matrix(
+            (data, self.elem["indices"][ptr[0] : ptr[-1]], ptr - ptr[0]), shape=(stop - start, self.shape[1])
+        )
 
 
 class MatrixRows:

@@ -1,4 +1,5 @@
 """Datasets available offline: real PBMC cells shipped with scanpy, and simulated counts."""
+
 from __future__ import annotations
 
 import os

@@ -18,6 +18,7 @@ as one process with the same global batch (up to float summation order):
   A checkpoint holds the unwrapped model, optimizer and generator states, which are the same
   on every rank, so a run can resume with any number of processes.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -46,8 +47,10 @@ class Dist:
     def shard(self, global_batch: int) -> slice:
         """This rank's rows of a global batch: ``global_batch / world_size`` consecutive rows."""
         if global_batch % self.world_size:
-            raise ValueError(f"batch size {global_batch} (the global batch) is not divisible by "
-                             f"the {self.world_size} processes; choose a multiple of {self.world_size}")
+            raise ValueError(
+                f"batch size {global_batch} (the global batch) is not divisible by "
+                f"the {self.world_size} processes; choose a multiple of {self.world_size}"
+            )
         per = global_batch // self.world_size
         return slice(self.rank * per, (self.rank + 1) * per)
 
@@ -87,8 +90,9 @@ def setup(device: torch.device) -> Dist:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
         atexit.register(teardown)
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -48,6 +48,7 @@ on the simulation the unseen side then had 0.91x the real variance on the select
 ``during_training`` is the trainer's periodic evaluation; ``plot_training_curves`` backs
 ``wbdit report``.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,18 @@ SPACES = ("auto", "joint", "reference")
 # a busy 2-core machine threads made one kNN search 50x slower (110 ms vs 2 ms), a t-SNE of
 # 240 cells 18x slower (36 s vs 2 s), and a whole PBMC evaluation 10.5 s instead of 6.8 s.
 EVAL_THREADS = 1
-HEADLINE = ("knn_auc", "mmd", "w2", "spearman_mean", "spearman_var", "zero_frac_mad", "label_accuracy",
-            "marker_recall", "gene_corr_mad", "utility_f1")
+HEADLINE = (
+    "knn_auc",
+    "mmd",
+    "w2",
+    "spearman_mean",
+    "spearman_var",
+    "zero_frac_mad",
+    "label_accuracy",
+    "marker_recall",
+    "gene_corr_mad",
+    "utility_f1",
+)
 
 # metric -> (space, ideal value, definition). "floor" means: compare with the real-vs-real column.
 METRICS: dict[str, tuple[str, str, str]] = {
@@ -102,20 +113,45 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "spearman_var": ("genes", "1", "Spearman rho of per-gene variances"),
     "zero_frac_mad": ("genes", "0", "mean over genes of |zero fraction real - generated|"),
     "cv_spearman": ("genes", "1", "Spearman rho of per-gene CV (std/mean), genes expressed on both sides"),
-    "gene_corr_mad": ("genes", "floor", f"mean over pairs of the top {CORR_GENES} HVGs of |Pearson r real - "
-                                        "r generated| (within each type per type)"),
+    "gene_corr_mad": (
+        "genes",
+        "floor",
+        f"mean over pairs of the top {CORR_GENES} HVGs of |Pearson r real - r generated| (within each type per type)",
+    ),
     "label_accuracy": ("PCA", "floor", "5-NN cell-type classifier fit on real cells: accuracy on generated labels"),
-    "marker_recall": ("genes", "floor", f"fraction of the real top-{K.MARKER_TOP_K} Wilcoxon markers of a type "
-                                        "(scanpy, type vs rest) also top in generated; mean over types"),
-    "marker_logfc_rho": ("genes", "floor", f"Spearman rho of log2 fold changes over the real top-{K.MARKER_TOP_K} "
-                                           "markers; mean over types"),
-    "utility_f1": ("PCA", "floor", f"F1 on held-out real cells of a logistic-regression classifier trained on "
-                                   f"the training cells with the type cut to {UTILITY_FEW} cells plus this "
-                                   "column's cells of the type (floor: its real cells); mean over types"),
+    "marker_recall": (
+        "genes",
+        "floor",
+        f"fraction of the real top-{K.MARKER_TOP_K} Wilcoxon markers of a type "
+        "(scanpy, type vs rest) also top in generated; mean over types",
+    ),
+    "marker_logfc_rho": (
+        "genes",
+        "floor",
+        f"Spearman rho of log2 fold changes over the real top-{K.MARKER_TOP_K} markers; mean over types",
+    ),
+    "utility_f1": (
+        "PCA",
+        "floor",
+        f"F1 on held-out real cells of a logistic-regression classifier trained on "
+        f"the training cells with the type cut to {UTILITY_FEW} cells plus this "
+        "column's cells of the type (floor: its real cells); mean over types",
+    ),
     "utility_f1_cut": ("PCA", "-", "the same F1 with nothing added (one value, repeated in every column)"),
 }
-DISTRIBUTION = ("mmd", "w1", "w2", "knn_auc", "rf_auc", "pearson_mean", "spearman_mean", "pearson_var",
-                "spearman_var", "zero_frac_mad", "cv_spearman")
+DISTRIBUTION = (
+    "mmd",
+    "w1",
+    "w2",
+    "knn_auc",
+    "rf_auc",
+    "pearson_mean",
+    "spearman_mean",
+    "pearson_var",
+    "spearman_var",
+    "zero_frac_mad",
+    "cv_spearman",
+)
 PER_TYPE_COLUMNS = ("mmd", "w2", "knn_auc", "spearman_mean", "label_accuracy")
 PER_TYPE_BIOLOGY = ("marker_recall", "marker_logfc_rho", "gene_corr_mad", "utility_f1", "utility_f1_cut")
 
@@ -131,9 +167,13 @@ class _Cells:
     pcs: np.ndarray | None = None  # cells x n_pcs, float64, in the comparison's PCA
 
     def take(self, idx: np.ndarray) -> "_Cells":
-        return _Cells(self.logx[idx], None if self.labels is None else self.labels[idx], self.kind,
-                      None if self.total_counts is None else self.total_counts[idx],
-                      None if self.pcs is None else self.pcs[idx])
+        return _Cells(
+            self.logx[idx],
+            None if self.labels is None else self.labels[idx],
+            self.kind,
+            None if self.total_counts is None else self.total_counts[idx],
+            None if self.pcs is None else self.pcs[idx],
+        )
 
     def projected(self, pca: PCA) -> "_Cells":
         return replace(self, pcs=pca.transform(self.logx).astype(np.float64))
@@ -156,8 +196,9 @@ def _labels(adata: ad.AnnData, what: str, label_key: str | None) -> np.ndarray |
     if label_key is None:
         return None
     if label_key not in adata.obs.columns:
-        raise MissingKeyError(f"label_key {label_key!r} is not a column of {what}.obs; "
-                              f"available columns: {list(adata.obs.columns)}")
+        raise MissingKeyError(
+            f"label_key {label_key!r} is not a column of {what}.obs; available columns: {list(adata.obs.columns)}"
+        )
     column = adata.obs[label_key]
     if column.isna().any():
         raise ValueError(f"{what}.obs[{label_key!r}] has {int(column.isna().sum())} missing labels")
@@ -199,7 +240,8 @@ def _evaluated_genes(real: ad.AnnData, generated: ad.AnnData, reference: ad.AnnD
         if len(missing):
             raise ValueError(
                 f"{len(missing)} of the {len(genes)} generated genes are not in the {what} cells' var_names "
-                f"(e.g. {list(missing[:10])}); the generated genes must equal the {what} genes or be a subset of them")
+                f"(e.g. {list(missing[:10])}); the generated genes must equal the {what} genes or be a subset of them"
+            )
     return genes
 
 
@@ -213,8 +255,11 @@ def _gene_dispersions(*sides: _LogCells) -> tuple[np.ndarray, np.ndarray]:
 
 def _half_split(cells: _Cells, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random halves of the cells, split within each cell type so both halves keep the composition."""
-    groups = [np.arange(len(cells.logx))] if cells.labels is None else [
-        np.flatnonzero(cells.labels == t) for t in np.unique(cells.labels)]
+    groups = (
+        [np.arange(len(cells.logx))]
+        if cells.labels is None
+        else [np.flatnonzero(cells.labels == t) for t in np.unique(cells.labels)]
+    )
     first, second = [], []
     for idx in groups:
         idx = rng.permutation(idx)
@@ -245,8 +290,12 @@ def _group_metrics(a: _Cells, b: _Cells, w_cells: int, max_cells: int, seed: int
     rng = np.random.default_rng(seed)
     pa, pb = _cap(a.pcs, max_cells, rng), _cap(b.pcs, max_cells, rng)
     wa, wb = _cap(a.pcs, w_cells, rng), _cap(b.pcs, w_cells, rng)
-    out.update(mmd=M.mmd(pa, pb), w1=M.wasserstein(wa, wb, 1), w2=M.wasserstein(wa, wb, 2),
-               knn_auc=M.classifier_auc(pa, pb, "knn", seed))
+    out.update(
+        mmd=M.mmd(pa, pb),
+        w1=M.wasserstein(wa, wb, 1),
+        w2=M.wasserstein(wa, wb, 2),
+        knn_auc=M.classifier_auc(pa, pb, "knn", seed),
+    )
     if rf:
         out["rf_auc"] = M.classifier_auc(pa, pb, "rf", seed)
     out.update(M.gene_metrics(a.logx, b.logx))
@@ -276,8 +325,11 @@ def _matched(side: _Cells, like: _Cells, seed: int) -> _Cells:
     rng = np.random.default_rng(seed)
     if side.labels is None or like.labels is None:
         return side.take(np.sort(rng.choice(len(side.logx), min(len(side.logx), len(like.logx)), replace=False)))
-    idx = [rng.choice(rows, min(len(rows), int((like.labels == t).sum())), replace=False)
-           for t in np.unique(side.labels) for rows in [np.flatnonzero(side.labels == t)]]
+    idx = [
+        rng.choice(rows, min(len(rows), int((like.labels == t).sum())), replace=False)
+        for t in np.unique(side.labels)
+        for rows in [np.flatnonzero(side.labels == t)]
+    ]
     return side.take(np.sort(np.concatenate(idx)))
 
 
@@ -298,8 +350,10 @@ def _biology(real_half: _Cells, real_markers: K.MarkerRanking | None, other: _Ce
         for t in sorted(set(a.labels) | set(b.labels)):
             xa, xb = a.logx[a.labels == t][:, corr_genes], b.logx[b.labels == t][:, corr_genes]
             enough = min(len(xa), len(xb)) >= MIN_GROUP_CELLS
-            per_type[t] = dict(gene_corr_mad=M.correlation_distance(xa, xb) if enough else None,
-                               **agreement.get(t, dict(marker_recall=None, marker_logfc_rho=None)))
+            per_type[t] = dict(
+                gene_corr_mad=M.correlation_distance(xa, xb) if enough else None,
+                **agreement.get(t, dict(marker_recall=None, marker_logfc_rho=None)),
+            )
         for key in ("marker_recall", "marker_logfc_rho"):
             overall[key] = K.mean_over_types(agreement, key)
     return dict(overall=overall, per_type=per_type)
@@ -399,11 +453,15 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """Everything, JSON-serialisable; ``metrics`` documents each metric's space, ideal value and formula."""
-        return _jsonable(dict(
-            settings=self.settings,
-            metrics={k: dict(space=s, ideal=i, definition=d) for k, (s, i, d) in METRICS.items()},
-            generated=self.generated, floor=self.floor, baselines=self.baselines,
-        ))
+        return _jsonable(
+            dict(
+                settings=self.settings,
+                metrics={k: dict(space=s, ideal=i, definition=d) for k, (s, i, d) in METRICS.items()},
+                generated=self.generated,
+                floor=self.floor,
+                baselines=self.baselines,
+            )
+        )
 
     def headline(self) -> dict:
         """The key numbers for the generated cells (None where not applicable, e.g. label_accuracy without labels)."""
@@ -418,8 +476,11 @@ class EvalReport:
     def baseline_headline(self, name: str) -> dict:
         """The same numbers for baseline ``name`` ("gaussian" or "resample")."""
         if name not in self.baselines:
-            raise ValueError(f"no {name!r} baseline: evaluate() was called with baselines=False"
-                             if not self.baselines else f"unknown baseline {name!r}; have {list(self.baselines)}")
+            raise ValueError(
+                f"no {name!r} baseline: evaluate() was called with baselines=False"
+                if not self.baselines
+                else f"unknown baseline {name!r}; have {list(self.baselines)}"
+            )
         return {k: self.baselines[name]["overall"].get(k) for k in HEADLINE}
 
     def table(self) -> str:
@@ -458,8 +519,9 @@ class EvalReport:
             lines += [header, "-" * len(header)]
             for t, m in per_type.items():
                 f = floor.get(t, {})
-                cells = "".join(f"{format_value(m.get(c)) + (f' [{format_value(f.get(c))}]' if f else ''):>20}"
-                                for c in cols)
+                cells = "".join(
+                    f"{format_value(m.get(c)) + (f' [{format_value(f.get(c))}]' if f else ''):>20}" for c in cols
+                )
                 lines.append(f"{t[:21]:<22}{m.get('n_real', 0):>7}{m.get('n_generated', 0):>7}{cells}")
         return "\n".join(lines)
 
@@ -510,8 +572,9 @@ def evaluate(
         return _evaluate(real, generated, label_key, n_pcs, max_cells_ot, seed, baselines, reference, all_genes, space)
 
 
-def _evaluate(real, generated, label_key, n_pcs, max_cells_ot, seed, baselines, reference, all_genes,
-              space) -> EvalReport:
+def _evaluate(
+    real, generated, label_key, n_pcs, max_cells_ot, seed, baselines, reference, all_genes, space
+) -> EvalReport:
     if n_pcs < 1 or max_cells_ot < MIN_GROUP_CELLS:
         raise ValueError(f"need n_pcs >= 1 and max_cells_ot >= {MIN_GROUP_CELLS}, got {n_pcs} and {max_cells_ot}")
     if space not in SPACES:
@@ -536,43 +599,72 @@ def _evaluate(real, generated, label_key, n_pcs, max_cells_ot, seed, baselines, 
     r, g = lr.dense(keep), lg.dense(keep)
     ref = lref.dense(keep) if lref is not None else None
     kept = genes[keep]
-    gene_text = (f"the {MAX_GENES} most highly variable of {len(genes)} (Seurat dispersion, ranked on the {rank_on}; "
-                 "names in metrics.json)" if select else
-                 f"all {len(genes)}" + (" (all_genes)" if all_genes and len(genes) > MAX_GENES else ""))
+    gene_text = (
+        f"the {MAX_GENES} most highly variable of {len(genes)} (Seurat dispersion, ranked on the {rank_on}; "
+        "names in metrics.json)"
+        if select
+        else f"all {len(genes)}" + (" (all_genes)" if all_genes and len(genes) > MAX_GENES else "")
+    )
 
     if len(r.logx) < 2 * MIN_GROUP_CELLS:
-        raise ValueError(f"the real-vs-real floor splits the {len(r.logx)} real cells in halves and needs at "
-                         f"least {2 * MIN_GROUP_CELLS}")
+        raise ValueError(
+            f"the real-vs-real floor splits the {len(r.logx)} real cells in halves and needs at "
+            f"least {2 * MIN_GROUP_CELLS}"
+        )
     pca = _fit_pca(ref.logx, n_pcs, seed) if space == "reference" else None
     w_cells = _w_cells(r, g, max_cells_ot)
     rng = np.random.default_rng(seed)
     first, second = _half_split(r, rng)
     half_a, half_b = r.take(first), r.take(second)
-    half_a_markers = (K.rank_markers(half_a.logx, half_a.labels, MIN_GROUP_CELLS)
-                      if half_a.labels is not None and g.labels is not None else None)
+    half_a_markers = (
+        K.rank_markers(half_a.logx, half_a.labels, MIN_GROUP_CELLS)
+        if half_a.labels is not None and g.labels is not None
+        else None
+    )
     protocol = _Protocol(n_pcs, seed, max_cells_ot, w_cells, corr_genes, pca, half_a, half_b, half_a_markers)
-    space_text = (f"PCA with {pca.n_components_} PCs fit on the {len(ref.logx)} reference cells "
-                  f"({100 * pca.explained_variance_ratio_.sum():.0f}% of their variance), one space for every column"
-                  if pca is not None else
-                  f"PCA with up to {n_pcs} PCs fit on both sides of each comparison: real + generated cells "
-                  "(the floor's two real halves are compared in this one too), real + baseline cells")
+    space_text = (
+        f"PCA with {pca.n_components_} PCs fit on the {len(ref.logx)} reference cells "
+        f"({100 * pca.explained_variance_ratio_.sum():.0f}% of their variance), one space for every column"
+        if pca is not None
+        else f"PCA with up to {n_pcs} PCs fit on both sides of each comparison: real + generated cells "
+        "(the floor's two real halves are compared in this one too), real + baseline cells"
+    )
     utility = None
     if ref is not None and label_key is not None:
         upca = pca if pca is not None else _fit_pca(ref.logx, n_pcs, seed)
         utility = (DownstreamUtility(ref.projected(upca).pcs, ref.labels, r.projected(upca).pcs, r.labels, seed), upca)
     settings = dict(
-        n_real=len(r.logx), n_generated=len(g.logx), n_genes=len(kept), n_real_genes_unused=real.n_vars - len(kept),
-        genes=dict(description=gene_text, n_evaluated=len(kept), n_input=len(genes), selected=select,
-                   ranked_on=rank_on, correlation_genes=list(kept[corr_genes]),
-                   names=list(kept) if select else None),
-        input=dict(real=r.kind, generated=g.kind), label_key=label_key, n_pcs=n_pcs, space=space,
-        space_description=space_text, n_reference=None if ref is None else len(ref.logx),
+        n_real=len(r.logx),
+        n_generated=len(g.logx),
+        n_genes=len(kept),
+        n_real_genes_unused=real.n_vars - len(kept),
+        genes=dict(
+            description=gene_text,
+            n_evaluated=len(kept),
+            n_input=len(genes),
+            selected=select,
+            ranked_on=rank_on,
+            correlation_genes=list(kept[corr_genes]),
+            names=list(kept) if select else None,
+        ),
+        input=dict(real=r.kind, generated=g.kind),
+        label_key=label_key,
+        n_pcs=n_pcs,
+        space=space,
+        space_description=space_text,
+        n_reference=None if ref is None else len(ref.logx),
         utility=_utility_text(utility, label_key, reference),
-        biology=(f"marker genes (scanpy Wilcoxon, top {K.MARKER_TOP_K}) and gene-gene correlations (top "
-                 f"{len(corr_genes)} HVGs) of every column against one real half ({len(first)} cells), each column "
-                 f"cut to the other half's per-type counts ({len(second)} cells at most), i.e. at the floor's size"),
-        seed=seed, max_cells_ot=max_cells_ot, w_cells=w_cells[None], mmd_sigmas=list(M.SIGMAS),
-        mmd_estimator="unbiased (U-statistic)", gene_space="log1p(normalize_total(1e4)) on the evaluated genes",
+        biology=(
+            f"marker genes (scanpy Wilcoxon, top {K.MARKER_TOP_K}) and gene-gene correlations (top "
+            f"{len(corr_genes)} HVGs) of every column against one real half ({len(first)} cells), each column "
+            f"cut to the other half's per-type counts ({len(second)} cells at most), i.e. at the floor's size"
+        ),
+        seed=seed,
+        max_cells_ot=max_cells_ot,
+        w_cells=w_cells[None],
+        mmd_sigmas=list(M.SIGMAS),
+        mmd_estimator="unbiased (U-statistic)",
+        gene_space="log1p(normalize_total(1e4)) on the evaluated genes",
     )
     generated_pca = protocol.space(r, g)
     generated_result = _compare(r, g, protocol, generated_pca)
@@ -580,8 +672,10 @@ def _evaluate(real, generated, label_key, n_pcs, max_cells_ot, seed, baselines, 
         _add_utility(generated_result, utility[0].score(g.projected(utility[1]).pcs, g.labels))
     report = EvalReport(settings, generated_result, _pca=generated_pca, _genes=kept)
     if baselines:
-        settings["floor"] = (f"one random half of the real cells ({len(first)}) against the other ({len(second)}), "
-                             "split within each cell type, in the real-vs-generated comparison's PCA")
+        settings["floor"] = (
+            f"one random half of the real cells ({len(first)}) against the other ({len(second)}), "
+            "split within each cell type, in the real-vs-generated comparison's PCA"
+        )
         report.floor = _compare(half_a, half_b, protocol, generated_pca, floor=True)
         if utility is not None:
             _add_utility(report.floor, utility[0].floor())
@@ -592,8 +686,10 @@ def _evaluate(real, generated, label_key, n_pcs, max_cells_ot, seed, baselines, 
             report.baselines[name] = _compare(r, cells, protocol)
             if utility is not None:
                 _add_utility(report.baselines[name], utility[0].score(cells.projected(utility[1]).pcs, cells.labels))
-            settings["baselines"][name] = (f"{B.DESCRIPTIONS[name]}, fit on the {fit_text}, in log-normalized space, "
-                                           "as many cells of each type as generated")
+            settings["baselines"][name] = (
+                f"{B.DESCRIPTIONS[name]}, fit on the {fit_text}, in log-normalized space, "
+                "as many cells of each type as generated"
+            )
     return report
 
 
@@ -603,13 +699,20 @@ def _utility_text(utility, label_key: str | None, reference) -> str:
     if reference is None:
         return "needs training cells (reference)"
     u = utility[0]
-    return (f"{len(u.types)} types with >= {UTILITY_MIN_TRAIN} training and >= {UTILITY_MIN_TEST} held-out cells, "
+    return (
+        (
+            f"{len(u.types)} types with >= {UTILITY_MIN_TRAIN} training and >= {UTILITY_MIN_TEST} held-out cells, "
             f"each cut to {u.few} training "
-            "cells; PCA fit on the reference; F1 on the real cells") if u.types else "no type has enough cells"
+            "cells; PCA fit on the reference; F1 on the real cells"
+        )
+        if u.types
+        else "no type has enough cells"
+    )
 
 
-def write_report(report: EvalReport, out_dir: str | os.PathLike, real: ad.AnnData | None = None,
-                 generated: ad.AnnData | None = None) -> list[str]:
+def write_report(
+    report: EvalReport, out_dir: str | os.PathLike, real: ad.AnnData | None = None, generated: ad.AnnData | None = None
+) -> list[str]:
     """Write ``metrics.json`` and ``table.txt`` into ``out_dir``; with ``real`` and ``generated``, the pictures too.
 
     The pictures need the cells themselves (the report keeps only numbers and the fitted
@@ -641,9 +744,17 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike, real: ad.AnnDat
     return paths
 
 
-def cli_evaluate(real_path: str, generated_path: str, out_dir: str, label_key: str | None = None,
-                 n_pcs: int = 30, seed: int = 0, reference_path: str | None = None, all_genes: bool = False,
-                 space: str = "auto") -> EvalReport:
+def cli_evaluate(
+    real_path: str,
+    generated_path: str,
+    out_dir: str,
+    label_key: str | None = None,
+    n_pcs: int = 30,
+    seed: int = 0,
+    reference_path: str | None = None,
+    all_genes: bool = False,
+    space: str = "auto",
+) -> EvalReport:
     """``wbdit evaluate``: read the .h5ad files, evaluate, write the report into ``out_dir``, print the table.
 
     ``reference_path``: optional .h5ad of other real cells (e.g. the training cells), passed
@@ -652,16 +763,25 @@ def cli_evaluate(real_path: str, generated_path: str, out_dir: str, label_key: s
     """
     real, generated = read_h5ad(real_path), read_h5ad(generated_path)
     reference = read_h5ad(reference_path) if reference_path is not None else None
-    report = evaluate(real, generated, label_key=label_key, n_pcs=n_pcs, seed=seed, reference=reference,
-                      all_genes=all_genes, space=space)
+    report = evaluate(
+        real,
+        generated,
+        label_key=label_key,
+        n_pcs=n_pcs,
+        seed=seed,
+        reference=reference,
+        all_genes=all_genes,
+        space=space,
+    )
     paths = write_report(report, out_dir, real=real, generated=generated)
     print(report.table())
     print("\nwrote " + ", ".join(paths))
     return report
 
 
-def baseline_headlines(real: ad.AnnData, reference: ad.AnnData, label_key: str | None, n_cells: int,
-                       seed: int = 0) -> dict[str, dict]:
+def baseline_headlines(
+    real: ad.AnnData, reference: ad.AnnData, label_key: str | None, n_cells: int, seed: int = 0
+) -> dict[str, dict]:
     """Each baseline run as a generator: ``n_cells`` cells fit on ``reference`` (per type in its
     proportions when ``label_key``), evaluated against ``real`` exactly as generated cells are
     (``evaluate(real, cells, reference=reference, baselines=False).headline()``). For tables that
@@ -672,15 +792,18 @@ def baseline_headlines(real: ad.AnnData, reference: ad.AnnData, label_key: str |
         cell_types = {t: int(c) for t, c in (counts / counts.sum() * n_cells).round().astype(int).items() if c > 0}
     out = {}
     for name in B.BASELINES:
-        cells = B.baseline_cells(name, reference, cell_types=cell_types, n_cells=n_cells, label_key=label_key or "",
-                                 seed=seed)
-        out[name] = evaluate(real, cells, label_key=label_key, seed=seed, baselines=False,
-                             reference=reference).headline()
+        cells = B.baseline_cells(
+            name, reference, cell_types=cell_types, n_cells=n_cells, label_key=label_key or "", seed=seed
+        )
+        out[name] = evaluate(
+            real, cells, label_key=label_key, seed=seed, baselines=False, reference=reference
+        ).headline()
     return out
 
 
-def during_training(real: ad.AnnData, reference: ad.AnnData | None = None, n_cells: int = 500,
-                    seed: int = 0) -> Callable[[Run], dict]:
+def during_training(
+    real: ad.AnnData, reference: ad.AnnData | None = None, n_cells: int = 500, seed: int = 0
+) -> Callable[[Run], dict]:
     """An evaluator for ``wbdit.train(evaluate=...)``: headline metrics of ``n_cells`` cells
     sampled from the EMA model against ``real``. Pass the held-out cells as ``real`` and the
     training cells as ``reference`` (genes and PCA are then fit on them), or the training cells alone."""
@@ -688,11 +811,20 @@ def during_training(real: ad.AnnData, reference: ad.AnnData | None = None, n_cel
     def evaluate_run(run: Run) -> dict:
         device = next(run.model.parameters()).device
         gen = sample(run, n_cells=n_cells, seed=seed, device=device, progress=False, fused=run.model.fused)
-        return evaluate(real, gen, label_key=run.preprocessor.label_key, baselines=False,
-                        reference=reference).headline()
+        return evaluate(
+            real, gen, label_key=run.preprocessor.label_key, baselines=False, reference=reference
+        ).headline()
 
     return evaluate_run
 
 
-__all__ = ["EvalReport", "METRICS", "baseline_headlines", "cli_evaluate", "during_training", "evaluate",
-           "plot_training_curves", "write_report"]
+__all__ = [
+    "EvalReport",
+    "METRICS",
+    "baseline_headlines",
+    "cli_evaluate",
+    "during_training",
+    "evaluate",
+    "plot_training_curves",
+    "write_report",
+]

@@ -9,6 +9,7 @@ autograd. ``register_ops`` then offers the ops to ``wbdit.ops`` as ``cpu-ext`` /
 ``unpatchify`` has no kernel: the reference is a reshape and a slice (a view), which no kernel
 can beat.
 """
+
 from __future__ import annotations
 
 import math

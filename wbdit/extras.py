@@ -3,14 +3,25 @@
 ``require("anndata", "data")`` imports a module or raises an ImportError that names the
 ``pip install`` extra providing it, so a kernel user never needs scanpy to import a model.
 """
+
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
 # module -> extra of setup.py that installs it
-EXTRA_OF = {"anndata": "data", "h5py": "data", "pandas": "data", "scipy": "data", "scanpy": "data",
-            "sklearn": "eval", "ot": "eval", "matplotlib": "eval", "umap": "eval", "threadpoolctl": "eval"}
+EXTRA_OF = {
+    "anndata": "data",
+    "h5py": "data",
+    "pandas": "data",
+    "scipy": "data",
+    "scanpy": "data",
+    "sklearn": "eval",
+    "ot": "eval",
+    "matplotlib": "eval",
+    "umap": "eval",
+    "threadpoolctl": "eval",
+}
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -4,6 +4,7 @@ They use the cheaper forms of DESIGN.md ("Cheaper math, same function") and are 
 ``wbdit.reference`` like every other fast path. ``register_ops`` is the same protocol as
 ``wbdit.kernels`` and ``wbdit.extension``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Each function states the space it expects; ``wbdit.evaluation`` decides which space
 (the real cells' PCA, or log-normalized genes) each one is applied to.
 """
+
 from __future__ import annotations
 
 import numpy as np

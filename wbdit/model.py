@@ -5,6 +5,7 @@ for Q, K and V) and ISTA sparse coding; DiT with standard multi-head attention a
 MLP. Every fusable op goes through ``wbdit.ops``; ``fused`` only changes which
 implementation runs, never the parameters (same ``state_dict`` keys either way).
 """
+
 from __future__ import annotations
 
 import math
@@ -173,8 +174,12 @@ class GeneDiT(nn.Module):
             if not num_classes or min(num_classes) < 1:
                 raise ValueError(f"num_classes must list >= 1 classes per label column, got {num_classes}")
         self.config = dict(
-            n_genes=n_genes, patch_size=patch_size, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, num_classes=num_classes,
+            n_genes=n_genes,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=num_classes,
         )
         self.n_genes, self.patch_size, self.num_classes = n_genes, patch_size, num_classes
         self.n_tokens = math.ceil(n_genes / patch_size)
@@ -231,8 +236,10 @@ class GeneDiT(nn.Module):
         """Sum of the label columns' embeddings (B, H) for y (B,) or (B, K) class indices."""
         cols = y.reshape(len(y), -1)
         if cols.shape[1] != len(self.label_sizes):
-            raise ValueError(f"expected labels for {len(self.label_sizes)} label columns (num_classes="
-                             f"{self.num_classes}), got y of shape {tuple(y.shape)}")
+            raise ValueError(
+                f"expected labels for {len(self.label_sizes)} label columns (num_classes="
+                f"{self.num_classes}), got y of shape {tuple(y.shape)}"
+            )
         tables = self._label_tables()
         if len(tables) == 1:
             return tables[0](cols[:, 0])

@@ -1,4 +1,5 @@
 """NVTX ranges for Nsight Systems timelines: ``with nvtx_range("forward"): ...``."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ Models call only these functions. With ``fused=False`` the reference runs. With
 then the CPU fast paths). If none does, the reference runs with a one-time warning, or a
 ``RuntimeError`` when ``WBDIT_STRICT_FUSED=1``. ``report()`` tells which implementation ran.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -4,9 +4,9 @@ Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg ca
 never through pyplot: importing wbdit does not switch a notebook's backend, and no
 global figure state leaks between calls.
 """
+
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
@@ -137,8 +137,13 @@ def plot_gene_means(path: str, real, generated) -> str:
         hi = float(max(x.max(), y.max(), 1e-9)) * 1.05
         ax.plot([0, hi], [0, hi], color="black", lw=1, ls="--", label="y = x")
         r, rho = stats.pearsonr(x, y).statistic, stats.spearmanr(x, y).statistic
-        ax.set(xlim=(0, hi), ylim=(0, hi), xlabel=f"real per-gene {name}", ylabel=f"generated per-gene {name}",
-               title=f"per-gene {name} (log-normalized)\nPearson {r:.3f}, Spearman {rho:.3f}")
+        ax.set(
+            xlim=(0, hi),
+            ylim=(0, hi),
+            xlabel=f"real per-gene {name}",
+            ylabel=f"generated per-gene {name}",
+            title=f"per-gene {name} (log-normalized)\nPearson {r:.3f}, Spearman {rho:.3f}",
+        )
         ax.legend(loc="upper left")
     return save_figure(fig, path)
 
@@ -173,8 +178,9 @@ def plot_training_curves(run_dir: str | os.PathLike) -> list[str]:
     """
     run_dir = os.fspath(run_dir)
     if not os.path.isfile(os.path.join(run_dir, LOG)):
-        raise FileNotFoundError(f"{os.path.join(run_dir, LOG)}: no training log; is {run_dir} "
-                                "a run directory written by 'wbdit train'?")
+        raise FileNotFoundError(
+            f"{os.path.join(run_dir, LOG)}: no training log; is {run_dir} a run directory written by 'wbdit train'?"
+        )
     by_epoch = {r["epoch"]: r for r in read_log(run_dir)}
     if not by_epoch:
         raise ValueError(f"{os.path.join(run_dir, LOG)} has no records yet")

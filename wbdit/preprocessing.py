@@ -19,6 +19,7 @@ done with each): integers are raw counts; non-integer values up to ``LOG_MAX`` a
 normalized and used as they are; non-integer values above are un-logged (TPM, CPM, RSEM
 expected counts) and are normalized and logged like counts, but have no count library.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from wbdit.batches import CHUNK_CELLS
-from wbdit.data import ad, get_matrix, matrix_rows, sp
+from wbdit.data import ad, matrix_rows, sp
 from wbdit.errors import InputError, MissingKeyError
 from wbdit.extras import require
 
@@ -53,7 +54,7 @@ INPUT_KINDS = {  # what each kind of input gets
     "counts": "raw counts (integers): normalize_total(1e4) + log1p",
     "log-normalized": f"log1p-normalized values (non-integer, at most {LOG_MAX:g}): used as they are",
     "tpm-like": f"non-integer values above {LOG_MAX:g}, not logged (TPM, CPM, RSEM expected counts): "
-                "normalize_total(1e4) + log1p, no count library (no --counts output)",
+    "normalize_total(1e4) + log1p, no count library (no --counts output)",
 }
 
 
@@ -169,8 +170,10 @@ class Preprocessor:
             raise ValueError(f"unknown input_kind {input_kind!r}; choose from {tuple(INPUT_KINDS)}")
         if not adata.var_names.is_unique:  # genes are matched by name when sampling and evaluating
             repeated = adata.var_names[adata.var_names.duplicated()].unique()
-            raise InputError(f"var_names has {len(repeated)} repeated gene names (e.g. {list(repeated[:3])}); make "
-                             "them unique first (adata.var_names_make_unique())")
+            raise InputError(
+                f"var_names has {len(repeated)} repeated gene names (e.g. {list(repeated[:3])}); make "
+                "them unique first (adata.var_names_make_unique())"
+            )
         what = f".layers[{layer!r}]" if layer else ".X"
         matrix = matrix_rows(adata, layer)
         n, g = matrix.shape
@@ -209,18 +212,29 @@ class Preprocessor:
                 log_library[name] = (float(mu), float(np.sqrt(max(s2 / cells - mu * mu, 0.0))))
         genes = np.asarray(adata.var_names.astype(str))[keep]
         pre = cls(
-            var_names=[str(x) for x in genes], input_kind=kind, scaling=scaling, layer=layer,
-            n_top_genes=n_top_genes, label_keys=keys, label_categories=[c for _, c in encoded],
-            label_combinations=combos.tolist(), combination_counts=combo_counts.tolist(),
-            center=np.asarray(center).tolist(), scale=np.asarray(scale).tolist(), x_max=m.x_max[keep].tolist(),
-            zero_threshold=0.5 * float(min_pos) if np.isfinite(min_pos) else 0.0, log_library=log_library,
+            var_names=[str(x) for x in genes],
+            input_kind=kind,
+            scaling=scaling,
+            layer=layer,
+            n_top_genes=n_top_genes,
+            label_keys=keys,
+            label_categories=[c for _, c in encoded],
+            label_combinations=combos.tolist(),
+            combination_counts=combo_counts.tolist(),
+            center=np.asarray(center).tolist(),
+            scale=np.asarray(scale).tolist(),
+            x_max=m.x_max[keep].tolist(),
+            zero_threshold=0.5 * float(min_pos) if np.isfinite(min_pos) else 0.0,
+            log_library=log_library,
         )
         rows = LogRows(matrix, kind, None if len(keep) == g else keep)
         logx = rows if adata.isbacked else rows[0:n]
         if gene_order == "cluster" and pre.n_genes > CLUSTER_MAX_GENES:
-            warnings.warn(f"{pre.n_genes} genes: too many to cluster (limit {CLUSTER_MAX_GENES}); genes keep the "
-                          "file's order. Select genes (n_top_genes / --n-top-genes 2000) to get the cluster order.",
-                          stacklevel=2)
+            warnings.warn(
+                f"{pre.n_genes} genes: too many to cluster (limit {CLUSTER_MAX_GENES}); genes keep the "
+                "file's order. Select genes (n_top_genes / --n-top-genes 2000) to get the cluster order.",
+                stacklevel=2,
+            )
         elif gene_order == "cluster":
             pre.order = cluster_gene_order(logx)
         return pre, logx, (None if not keys else codes[:, 0] if len(keys) == 1 else codes)
@@ -239,8 +253,12 @@ class Preprocessor:
         d = {**d, "log_library": {k: tuple(v) for k, v in d["log_library"].items()}}
         if "label_key" in d:
             key, categories, counts = d.pop("label_key"), d.pop("categories"), d.pop("class_counts")
-            d.update(label_keys=[key] if key else [], label_categories=[categories] if key else [],
-                     label_combinations=[[k] for k in range(len(counts))], combination_counts=counts)
+            d.update(
+                label_keys=[key] if key else [],
+                label_categories=[categories] if key else [],
+                label_combinations=[[k] for k in range(len(counts))],
+                combination_counts=counts,
+            )
         return cls(**d)
 
     @property
@@ -259,8 +277,11 @@ class Preprocessor:
         if not self.label_keys:
             return []
         combos = np.asarray(self.label_combinations, np.int64).reshape(-1, len(self.label_keys))
-        return np.bincount(combos[:, 0], weights=self.combination_counts, minlength=len(self.categories)).astype(
-            np.int64).tolist()
+        return (
+            np.bincount(combos[:, 0], weights=self.combination_counts, minlength=len(self.categories))
+            .astype(np.int64)
+            .tolist()
+        )
 
     @property
     def num_classes(self) -> int | list[int] | None:
@@ -293,8 +314,9 @@ class Preprocessor:
         """Class index of ``value`` in label column ``key`` (default: the primary one)."""
         key = self.label_key if key is None else key
         if key not in self.label_keys:
-            raise MissingKeyError(f"the run was not trained on label column {key!r}; its label columns: "
-                                  f"{self.label_keys}")
+            raise MissingKeyError(
+                f"the run was not trained on label column {key!r}; its label columns: {self.label_keys}"
+            )
         categories = self.label_categories[self.label_keys.index(key)]
         if value not in categories:
             what = "cell type" if len(self.label_keys) == 1 else f"value of label column {key!r}"
@@ -309,8 +331,10 @@ class Preprocessor:
         """
         missing = [k for k in self.label_keys if k not in obs.columns]
         if missing:
-            raise MissingKeyError(f"{what} has no column {missing[0]!r}; the run is conditioned on "
-                                  f"{self.label_keys}, and {what} has {list(obs.columns)}")
+            raise MissingKeyError(
+                f"{what} has no column {missing[0]!r}; the run is conditioned on "
+                f"{self.label_keys}, and {what} has {list(obs.columns)}"
+            )
         codes = np.empty((len(obs), len(self.label_keys)), np.int64)
         for k, (key, categories) in enumerate(zip(self.label_keys, self.label_categories)):
             col = obs[key]
@@ -320,8 +344,10 @@ class Preprocessor:
             codes[:, k] = pd.Categorical(values, categories=categories).codes
             unknown = sorted(set(values[codes[:, k] < 0]))
             if unknown:
-                raise InputError(f"{what}[{key!r}] has values the run was not trained on: {unknown[:5]}"
-                                 f"{' ...' if len(unknown) > 5 else ''}; the model knows {categories}")
+                raise InputError(
+                    f"{what}[{key!r}] has values the run was not trained on: {unknown[:5]}"
+                    f"{' ...' if len(unknown) > 5 else ''}; the model knows {categories}"
+                )
         return codes
 
 
@@ -407,8 +433,10 @@ def encode_labels(adata: ad.AnnData, label_key: str | None) -> tuple[np.ndarray 
         raise ValueError(f"obs[{label_key!r}] has {int(col.isna().sum())} missing labels")
     fractional = col[col != np.round(col)] if pd.api.types.is_float_dtype(col.dtype) else col[:0]
     if len(fractional):
-        raise InputError(f"obs[{label_key!r}] holds non-integer numbers (e.g. {fractional.iloc[0]:g}), not labels; "
-                         "pass a column of cell types or other categories")
+        raise InputError(
+            f"obs[{label_key!r}] holds non-integer numbers (e.g. {fractional.iloc[0]:g}), not labels; "
+            "pass a column of cell types or other categories"
+        )
     text = col.astype(str)
     empty = int((text.str.strip() == "").sum())
     if empty:
@@ -502,7 +530,13 @@ def seurat_dispersions(mean: np.ndarray, var: np.ndarray, n_bins: int = HVG_BINS
 
 
 def _moments(
-    matrix: H5Matrix, kind: str, groups: np.ndarray, n_groups: int, hvg: bool, chunk_cells: int, what: str,
+    matrix: MatrixRows | H5Matrix,
+    kind: str,
+    groups: np.ndarray,
+    n_groups: int,
+    hvg: bool,
+    chunk_cells: int,
+    what: str,
     forced: bool = False,
 ) -> tuple[GeneMoments, np.ndarray] | str:
     """One pass reading the values as ``kind``: gene moments of the log-normalized cells and, for
@@ -546,8 +580,12 @@ def _moments(
 def _check_forced(kind: str, integer: bool, top: float, what: str) -> None:
     """Refuse values that the input kind the user named cannot hold."""
     if kind == "counts" and not integer:
-        raise InputError(f"{what}: input kind 'counts' was given but it holds non-integer values; for "
-                         "un-logged non-integer values (TPM, CPM, expected counts) give 'tpm-like'")
+        raise InputError(
+            f"{what}: input kind 'counts' was given but it holds non-integer values; for "
+            "un-logged non-integer values (TPM, CPM, expected counts) give 'tpm-like'"
+        )
     if kind == "log-normalized" and top > LOG_MAX:
-        raise InputError(f"{what}: input kind 'log-normalized' was given but it holds values up to {top:.6g}, "
-                         f"above any log1p-normalized value ({LOG_MAX:g}); give 'tpm-like' or 'counts'")
+        raise InputError(
+            f"{what}: input kind 'log-normalized' was given but it holds values up to {top:.6g}, "
+            f"above any log1p-normalized value ({LOG_MAX:g}); give 'tpm-like' or 'counts'"
+        )

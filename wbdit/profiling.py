@@ -5,6 +5,7 @@
   (``wbdit.train``) under ``torch.profiler`` (Chrome trace + top-ops table), or, for
   Nsight Systems, bracketed by ``cudaProfilerStart``/``Stop`` (see ``nsys_command``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,12 @@ def describe_machine(device: torch.device | str) -> dict[str, object]:
         cpu = names[0] if names else cpu
     info: dict[str, object] = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
-        cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+        cpu=cpu,
+        cpu_cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
     )
     with contextlib.suppress(ImportError):
         import triton
@@ -111,10 +116,21 @@ def nsys_command(out_dir: str | os.PathLike, program: list[str]) -> str:
     the warm-up steps) and ``--capture-range-end=stop`` ends it at ``cudaProfilerStop``.
     """
     report = os.path.join(os.fspath(out_dir), "wbdit-nsys")
-    return shlex.join([
-        "nsys", "profile", "-t", "cuda,nvtx", "--capture-range=cudaProfilerApi", "--capture-range-end=stop",
-        "-o", report, "-f", "true", *program,
-    ])
+    return shlex.join(
+        [
+            "nsys",
+            "profile",
+            "-t",
+            "cuda,nvtx",
+            "--capture-range=cudaProfilerApi",
+            "--capture-range-end=stop",
+            "-o",
+            report,
+            "-f",
+            "true",
+            *program,
+        ]
+    )
 
 
 class _StepWindow:
@@ -197,29 +213,54 @@ def profile_training(
     config = TrainConfig(epochs=1, batch_size=batch_size, seed=seed)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     trace = out / "trace.json"
-    profiler = contextlib.nullcontext() if nsys else torch.profiler.profile(
-        activities=activities,
-        schedule=torch.profiler.schedule(wait=warmup - 1, warmup=1, active=steps, repeat=1),
-        on_trace_ready=lambda p: p.export_chrome_trace(str(trace)),
+    profiler = (
+        contextlib.nullcontext()
+        if nsys
+        else torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=warmup - 1, warmup=1, active=steps, repeat=1),
+            on_trace_ready=lambda p: p.export_chrome_trace(str(trace)),
+        )
     )
     with profiler as prof:
         window = _StepWindow(warmup, steps, prof, cuda_range=nsys and cuda, device=device)
-        train(adata, model, label_key="cell_type", out_dir=out / "run", config=config, device=device,
-              progress=False, hook=window, fused=fused)
+        train(
+            adata,
+            model,
+            label_key="cell_type",
+            out_dir=out / "run",
+            config=config,
+            device=device,
+            progress=False,
+            hook=window,
+            fused=fused,
+        )
     step_ms = window.step_ms()
     summary = dict(
-        arch=arch, fused=fused, preset=preset, model=size, n_genes=n_genes, batch_size=batch_size,
-        warmup_steps=warmup, measured_steps=steps, device=str(device), machine=describe_machine(device),
-        step_ms=step_ms, median_step_ms=sorted(step_ms)[len(step_ms) // 2],
-        cells_per_s=batch_size * len(step_ms) / (sum(step_ms) / 1e3), implementations=ops.report(),
+        arch=arch,
+        fused=fused,
+        preset=preset,
+        model=size,
+        n_genes=n_genes,
+        batch_size=batch_size,
+        warmup_steps=warmup,
+        measured_steps=steps,
+        device=str(device),
+        machine=describe_machine(device),
+        step_ms=step_ms,
+        median_step_ms=sorted(step_ms)[len(step_ms) // 2],
+        cells_per_s=batch_size * len(step_ms) / (sum(step_ms) / 1e3),
+        implementations=ops.report(),
         files={},
     )
     if not nsys:
         sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
-        header = (f"wbdit profile: {arch} fused={fused} preset={preset} {size} genes={n_genes} batch={batch_size}\n"
-                  f"{summary['machine']['device']}; {steps} measured steps after {warmup} warm-up, "
-                  f"median {summary['median_step_ms']:.1f} ms/step; sorted by {sort_by}\n\n")
+        header = (
+            f"wbdit profile: {arch} fused={fused} preset={preset} {size} genes={n_genes} batch={batch_size}\n"
+            f"{summary['machine']['device']}; {steps} measured steps after {warmup} warm-up, "
+            f"median {summary['median_step_ms']:.1f} ms/step; sorted by {sort_by}\n\n"
+        )
         with atomic_path(out / "top_ops.txt") as tmp:
             Path(tmp).write_text(header + table + "\n")
         summary["files"] = dict(trace=str(trace), top_ops=str(out / "top_ops.txt"))

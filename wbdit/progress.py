@@ -4,6 +4,7 @@ On a terminal it is one tqdm bar; when the output is not a terminal (cluster log
 is a line after the first ``FIRST_LINE_STEPS`` steps (the first estimate of the time left) and
 then one every ``LINE_EVERY`` of the run, instead of carriage-return updates.
 """
+
 from __future__ import annotations
 
 import sys
@@ -37,8 +38,9 @@ class Progress:
         self.t0 = time.perf_counter()
         self.next_line = min(done + FIRST_LINE_STEPS, total)
         terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total, initial=done, unit="step", file=self.stream, dynamic_ncols=True) if terminal \
-            else None
+        self.bar = (
+            tqdm(total=total, initial=done, unit="step", file=self.stream, dynamic_ncols=True) if terminal else None
+        )
 
     def update(self, step: int, loss: float) -> None:
         if not self.enabled:
@@ -50,9 +52,12 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.4f}, {rate * self.cells:.0f} cells/s", refresh=False)
         elif step >= self.next_line:
             eta = duration((self.total - step) / rate) if rate > 0 else "?"
-            print(f"step {step:,}/{self.total:,} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  "
-                  f"{rate * self.cells:.0f} cells/s  elapsed {duration(elapsed)}  ETA {eta}",
-                  file=self.stream, flush=True)
+            print(
+                f"step {step:,}/{self.total:,} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  "
+                f"{rate * self.cells:.0f} cells/s  elapsed {duration(elapsed)}  ETA {eta}",
+                file=self.stream,
+                flush=True,
+            )
             every = max(1, round(LINE_EVERY * self.total))
             self.next_line = min(self.total, (step // every + 1) * every)
 

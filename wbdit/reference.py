@@ -4,6 +4,7 @@ Each function here is the readable statement of one op of WB-DiT (DESIGN.md). Th
 implementations (Triton in ``wbdit.kernels``, C++/CUDA in ``wbdit._C``, CPU fast paths in
 ``wbdit.ops``) are tested against these, forward and backward.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 ``Run.load(out_dir)`` rebuilds it from the run directory (``wbdit.checkpoint``); the trainer
 returns one and the sampler takes one, so neither imports the other.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ The kernel drops the lock when its holder exits, however it exits (SIGKILL inclu
 lock is never stale; the file names its holder (pid and host) for the message a second
 writer gets, and is deleted when the holder releases it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,12 +58,17 @@ def _acquire(path: Path) -> int | None:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunLockedError(f"{path.parent} is being written by {holder} (lock {path}); wait for it to "
-                                 "finish, or train into another directory") from None
+            raise RunLockedError(
+                f"{path.parent} is being written by {holder} (lock {path}); wait for it to "
+                "finish, or train into another directory"
+            ) from None
         except OSError as exc:
             os.close(fd)
-            warnings.warn(f"{path}: this filesystem cannot lock files ({exc}); nothing stops a second "
-                          "process from writing this run directory at the same time", stacklevel=4)
+            warnings.warn(
+                f"{path}: this filesystem cannot lock files ({exc}); nothing stops a second "
+                "process from writing this run directory at the same time",
+                stacklevel=4,
+            )
             return None
         # The holder deletes the file as it releases the lock: if the file we locked is not (or
         # no longer) the one at ``path``, a third process may be locking a new one; start over.

@@ -4,6 +4,7 @@ Which cells: ``plan_labels`` turns requests (cell types, or values of several la
 with counts) into one label combination per cell; ``like=`` mirrors a template dataset cell
 for cell (its synthetic twin). Combinations never seen in training are refused unless allowed.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,10 @@ def plan_labels(
         match = np.all([combos[:, j] == c for j, c in codes.items()], axis=0) if codes else np.ones(len(combos), bool)
         if not match.any():
             if not allow_unseen:
-                raise InputError(f"the combination {describe(pre, codes)} never occurs in the training data; "
-                                 "pass allow_unseen=True (--allow-unseen) to generate it anyway")
+                raise InputError(
+                    f"the combination {describe(pre, codes)} never occurs in the training data; "
+                    "pass allow_unseen=True (--allow-unseen) to generate it anyway"
+                )
             cells = np.empty((count, k), np.int64)
             for j in range(k):
                 p = np.bincount(combos[:, j], weights, minlength=len(pre.label_categories[j]))
@@ -101,8 +104,9 @@ def column_scales(pre: Preprocessor, cfg_scale: float | dict[str, float]) -> flo
         return float(cfg_scale)
     for key in cfg_scale:
         if key not in pre.label_keys:
-            raise MissingKeyError(f"cfg_scale names {key!r}, not a label column of the run; its label columns: "
-                                  f"{pre.label_keys}")
+            raise MissingKeyError(
+                f"cfg_scale names {key!r}, not a label column of the run; its label columns: {pre.label_keys}"
+            )
     return [float(cfg_scale.get(key, DEFAULT_CFG_SCALE)) for key in pre.label_keys]
 
 
@@ -155,8 +159,9 @@ def sample(
     cfg_scale = (DEFAULT_CFG_SCALE if pre.label_keys else 1.0) if cfg_scale is None else cfg_scale
     batch_size = batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cuda"])
     if counts and pre.input_kind != "counts":
-        raise ValueError(f"counts=True needs a model trained on raw counts; this one was trained on "
-                         f"{pre.input_kind} data")
+        raise ValueError(
+            f"counts=True needs a model trained on raw counts; this one was trained on {pre.input_kind} data"
+        )
     labels, obs = _cells(pre, n_cells, cell_types, conditions, like, seed, allow_unseen)
     scales = column_scales(pre, cfg_scale)
     guidance_terms([1.0, 1.0], guidance)  # an unknown guidance is refused before any generation
@@ -167,50 +172,81 @@ def sample(
     for start in range(0, n_cells, batch_size):
         n = min(batch_size, n_cells - start)
         y = None if labels is None else torch.from_numpy(labels[start : start + n]).to(device)
-        z = run.diffusion.sample(model, n, pre.n_genes, y=y, sampler=sampler, steps=steps, eta=eta,
-                                 cfg_scale=scales, clip=clip, generator=gen, device=device, progress=progress,
-                                 guidance=guidance, cfg_interval=cfg_interval)
+        z = run.diffusion.sample(
+            model,
+            n,
+            pre.n_genes,
+            y=y,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            cfg_scale=scales,
+            clip=clip,
+            generator=gen,
+            device=device,
+            progress=progress,
+            guidance=guidance,
+            cfg_interval=cfg_interval,
+        )
         chunks.append(pre.inverse(z).cpu().numpy())
     logx = np.concatenate(chunks).astype(np.float32)
     bad = int((~np.isfinite(logx)).any(axis=1).sum())
     if bad:  # NaN cells are no data: refuse rather than hand them on
-        raise ValueError(f"{bad} of {len(logx)} generated cells have non-finite values (NaN or inf); nothing was "
-                         f"written. The model's weights or the sampling settings (cfg_scale={cfg_scale}, "
-                         f"sampler={sampler!r}) produce them")
+        raise ValueError(
+            f"{bad} of {len(logx)} generated cells have non-finite values (NaN or inf); nothing was "
+            f"written. The model's weights or the sampling settings (cfg_scale={cfg_scale}, "
+            f"sampler={sampler!r}) produce them"
+        )
 
     adata = ad.AnnData(sp.csr_matrix(logx), obs=obs, var=pd.DataFrame(index=pd.Index(pre.var_names)))
     if counts:
         adata.layers["log_normalized"] = adata.X
         adata.X = sp.csr_matrix(_draw_counts(logx, labels, pre, seed))
     adata.uns["wbdit"] = dict(
-        arch=arch_name(model), model_config={k: v for k, v in model.config.items() if v is not None},
-        epoch=run.epoch, sampler=sampler, steps=run.diffusion.num_timesteps if sampler == "ddpm" else steps,
-        eta=eta, cfg_scale=scales if isinstance(scales, float) and len(pre.label_keys) < 2 else dict(
-            zip(pre.label_keys, [scales] * len(pre.label_keys) if isinstance(scales, float) else scales)),
-        guidance=guidance, cfg_interval=None if cfg_interval is None else list(cfg_interval), seed=seed,
+        arch=arch_name(model),
+        model_config={k: v for k, v in model.config.items() if v is not None},
+        epoch=run.epoch,
+        sampler=sampler,
+        steps=run.diffusion.num_timesteps if sampler == "ddpm" else steps,
+        eta=eta,
+        cfg_scale=scales
+        if isinstance(scales, float) and len(pre.label_keys) < 2
+        else dict(zip(pre.label_keys, [scales] * len(pre.label_keys) if isinstance(scales, float) else scales)),
+        guidance=guidance,
+        cfg_interval=None if cfg_interval is None else list(cfg_interval),
+        seed=seed,
         X="counts" if counts else SPACE,
-        prediction=run.diffusion.prediction, scaling=pre.scaling,
+        prediction=run.diffusion.prediction,
+        scaling=pre.scaling,
     )
     return adata
 
 
 def _cells(
-    pre: Preprocessor, n_cells: int | None, cell_types: dict[str, int] | None, conditions: Sequence[Condition],
-    like: ad.AnnData | None, seed: int, allow_unseen: bool,
+    pre: Preprocessor,
+    n_cells: int | None,
+    cell_types: dict[str, int] | None,
+    conditions: Sequence[Condition],
+    like: ad.AnnData | None,
+    seed: int,
+    allow_unseen: bool,
 ) -> tuple[np.ndarray | None, pd.DataFrame]:
     """Class indices per generated cell (``plan_labels``'s shape) and the generated cells' obs."""
     if like is not None:
         if n_cells is not None or cell_types or conditions:
-            raise InputError("like= makes one cell per template cell: give it without n_cells, cell types or "
-                             "conditions")
+            raise InputError(
+                "like= makes one cell per template cell: give it without n_cells, cell types or conditions"
+            )
         codes = pre.encode(like.obs, "the template's obs") if pre.label_keys else None
         bad = unseen(pre, codes) if codes is not None and not allow_unseen else np.zeros(like.n_obs, bool)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{int(bad.sum())} template cells hold label combinations never seen in training, "
-                             f"e.g. {describe(pre, dict(enumerate(codes[first].tolist())))} (cell "
-                             f"{like.obs_names[first]!r}); pass allow_unseen=True (--allow-unseen) to generate them "
-                             "anyway")
+            raise InputError(
+                f"{int(bad.sum())} template cells hold label combinations never seen in training, "
+                f"e.g. {describe(pre, dict(enumerate(codes[first].tolist())))} (cell "
+                f"{like.obs_names[first]!r}); pass allow_unseen=True (--allow-unseen) to generate them "
+                "anyway"
+            )
         obs = like.obs.copy()
         obs.index = pd.Index([f"{name}-twin" for name in like.obs_names])
         return (None if codes is None else codes[:, 0] if codes.shape[1] == 1 else codes), obs

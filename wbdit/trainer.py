@@ -14,6 +14,7 @@ and EMA untouched); ``NONFINITE_PATIENCE`` such steps in a row stop training wit
 ``DivergedError`` naming them, unless ``skip_nonfinite`` (then they are skipped and counted in
 ``log.jsonl``). Rank 0 holds the run directory's lock (``wbdit.runlock``) for the whole run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from wbdit import distributed
+from wbdit import distributed, ops
 from wbdit.batches import CellBatches
 from wbdit.checkpoint import (
     CHECKPOINT,
@@ -79,7 +80,7 @@ def autocast_for(device: torch.device):
 
 
 def train_step(
-    model: _GeneDiT,
+    model: GeneDiT,
     opt: torch.optim.Optimizer,
     diffusion: GaussianDiffusion,
     x: torch.Tensor,
@@ -186,17 +187,20 @@ def train(
     """
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     if config.eval_every and evaluate is None:
-        raise ValueError("eval_every > 0 needs an evaluate callback, e.g. "
-                         "evaluate=wbdit.evaluation.during_training(adata, held_out)")
+        raise ValueError(
+            "eval_every > 0 needs an evaluate callback, e.g. evaluate=wbdit.evaluation.during_training(adata, held_out)"
+        )
     if config.inspect_every and inspect is None:
-        raise ValueError("inspect_every > 0 needs an inspect callback, e.g. "
-                         "inspect=wbdit.whitebox.during_training(adata)")
+        raise ValueError(
+            "inspect_every > 0 needs an inspect callback, e.g. inspect=wbdit.whitebox.during_training(adata)"
+        )
     dist = distributed.setup(torch.device(device) if device is not None else distributed.default_device())
     device, out_dir = dist.device, Path(out_dir)
     with _writing(out_dir, dist):  # the lock is held until training ends, however it ends
         diffusion = diffusion or GaussianDiffusion(prediction=DEFAULT_PREDICTION)
-        pre, logx, labels = Preprocessor.fit(adata, label_key, layer, n_top_genes, scaling, gene_order,
-                                             input_kind=input_kind)
+        pre, logx, labels = Preprocessor.fit(
+            adata, label_key, layer, n_top_genes, scaling, gene_order, input_kind=input_kind
+        )
         auto_length = config.epochs is None
         config = config.planned(logx.shape[0])  # epochs=None: the default length for this many cells
         if progress and dist.is_main:
@@ -205,34 +209,53 @@ def train(
         model.fused = fused
         net = dist.wrap(model)  # DistributedDataParallel over ranks: rank 0's weights everywhere
         if compile:  # fixed batch shapes (ragged last batches are dropped): no dynamic shapes
-            net = torch.compile(net, fullgraph=True, dynamic=False,
-                                backend="inductor" if compile is True else compile)
+            ops.available()  # import the fast backends now: an import inside the graph would break it
+            net = torch.compile(net, fullgraph=True, dynamic=False, backend="inductor" if compile is True else compile)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         gen = torch.Generator(device=device).manual_seed(config.seed)
-        meta = dict(arch=arch_name(model), model_config=model.config, diffusion=diffusion.config,
-                    preprocessor=pre.to_dict(), train_config=asdict(config))
+        meta = dict(
+            arch=arch_name(model),
+            model_config=model.config,
+            diffusion=diffusion.config,
+            preprocessor=pre.to_dict(),
+            train_config=asdict(config),
+        )
         if resume:
             state = _resume(out_dir, meta, model, ema, opt, gen, discard_bad=dist.is_main)
             if dist.is_main:
                 truncate_log(out_dir, state.epoch, state.log_line)
         elif (out_dir / CHECKPOINT).exists() or (out_dir / PREVIOUS).exists():
-            raise FileExistsError(f"{out_dir} already holds a run; pass resume=True (--resume) or choose another "
-                                  "out_dir")
+            raise FileExistsError(
+                f"{out_dir} already holds a run; pass resume=True (--resume) or choose another out_dir"
+            )
         else:
             state = _State()
 
         saved_step = state.step if resume else None  # the step of the newest checkpoint in out_dir
 
-        def checkpoint(epoch: int, batch: int, epoch_loss: tuple[float, int], epoch_nonfinite: int,
-                       record: dict | None = None) -> None:
+        def checkpoint(
+            epoch: int, batch: int, epoch_loss: tuple[float, int], epoch_nonfinite: int, record: dict | None = None
+        ) -> None:
             """Rank 0 saves (``batch`` batches of ``epoch`` done) and logs ``record``; all ranks wait."""
             nonlocal saved_step
             if dist.is_main:
-                save_checkpoint(out_dir, dict(meta, model=model.state_dict(), ema=ema.state_dict(),
-                                              optimizer=opt.state_dict(), rng=gen.get_state(), epoch=epoch,
-                                              step=state.step, batch=batch, epoch_loss=epoch_loss,
-                                              epoch_nonfinite=epoch_nonfinite), record)
+                save_checkpoint(
+                    out_dir,
+                    dict(
+                        meta,
+                        model=model.state_dict(),
+                        ema=ema.state_dict(),
+                        optimizer=opt.state_dict(),
+                        rng=gen.get_state(),
+                        epoch=epoch,
+                        step=state.step,
+                        batch=batch,
+                        epoch_loss=epoch_loss,
+                        epoch_nonfinite=epoch_nonfinite,
+                    ),
+                    record,
+                )
             saved_step = state.step
             dist.barrier()
 
@@ -240,10 +263,16 @@ def train(
         size, rows = batches.batch_size, dist.shard(batches.batch_size)
         total_steps = min(config.epochs * len(batches), config.max_steps or config.epochs * len(batches))
         if progress and dist.is_main:
-            rule = (f" (the default for {logx.shape[0]:,} cells: >= {MIN_STEPS:,} steps and >= {MIN_EPOCHS} epochs)"
-                    if auto_length and not config.max_steps else "")
-            print(f"plan: {total_steps:,} optimizer steps = {config.epochs} epochs of {len(batches)} batches of "
-                  f"{size} cells{rule}", flush=True)
+            rule = (
+                f" (the default for {logx.shape[0]:,} cells: >= {MIN_STEPS:,} steps and >= {MIN_EPOCHS} epochs)"
+                if auto_length and not config.max_steps
+                else ""
+            )
+            print(
+                f"plan: {total_steps:,} optimizer steps = {config.epochs} epochs of {len(batches)} batches of "
+                f"{size} cells{rule}",
+                flush=True,
+            )
         bar = Progress(total_steps, state.step, size, enabled=progress and dist.is_main)
         epochs_done, start_epoch = state.epoch, state.epoch
         in_a_row = 0  # non-finite steps just before this one
@@ -267,8 +296,9 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(config, state.step, total_steps)
                 decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
-                loss, applied = train_step(net, opt, diffusion, x, y, gen, config.grad_clip, ema, decay, t[rows],
-                                           noise[rows])
+                loss, applied = train_step(
+                    net, opt, diffusion, x, y, gen, config.grad_clip, ema, decay, t[rows], noise[rows]
+                )
                 loss = dist.mean(loss)
                 state.step += 1
                 if hook is not None:
@@ -293,8 +323,14 @@ def train(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            record = dict(epoch=epoch + 1, step=state.step, loss=total / n if n else math.nan, epoch_time_s=dt,
-                          cells_per_s=(n - n0) / dt, nonfinite_steps=nonfinite)
+            record = dict(
+                epoch=epoch + 1,
+                step=state.step,
+                loss=total / n if n else math.nan,
+                epoch_time_s=dt,
+                cells_per_s=(n - n0) / dt,
+                nonfinite_steps=nonfinite,
+            )
             if config.eval_every and (epoch + 1) % config.eval_every == 0 and dist.is_main:
                 record["eval"] = evaluate(Run(out_dir, ema, pre, diffusion, config, epoch + 1, []))
             if config.inspect_every and (epoch + 1) % config.inspect_every == 0 and dist.is_main:
@@ -328,16 +364,22 @@ def _writing(out_dir: Path, dist: distributed.Dist) -> Iterator[None]:
 
 
 def _diverged(step: int, in_a_row: int, out_dir: Path, saved_step: int | None, config: TrainConfig) -> str:
-    kept = (f"{out_dir} keeps its checkpoint of step {saved_step}" if saved_step is not None
-            else f"no checkpoint was written to {out_dir}")
-    return (f"training diverged: the loss or gradient norm was not finite at steps {step - in_a_row + 1} to {step} "
-            f"({in_a_row} in a row); they were not applied (the weights are those of step {step - in_a_row}) and "
-            f"{kept}. Lower the learning rate (lr={config.lr:g}) or raise warmup_steps (--warmup-steps); to skip "
-            "such steps and train on (e.g. bf16 overflow on a GPU), pass skip_nonfinite=True (--skip-nonfinite)")
+    kept = (
+        f"{out_dir} keeps its checkpoint of step {saved_step}"
+        if saved_step is not None
+        else f"no checkpoint was written to {out_dir}"
+    )
+    return (
+        f"training diverged: the loss or gradient norm was not finite at steps {step - in_a_row + 1} to {step} "
+        f"({in_a_row} in a row); they were not applied (the weights are those of step {step - in_a_row}) and "
+        f"{kept}. Lower the learning rate (lr={config.lr:g}) or raise warmup_steps (--warmup-steps); to skip "
+        "such steps and train on (e.g. bf16 overflow on a GPU), pass skip_nonfinite=True (--skip-nonfinite)"
+    )
 
 
-def _build(model: GeneDiT | Callable[[int, int | list[int] | None], GeneDiT] | None, pre: Preprocessor,
-           seed: int) -> GeneDiT:
+def _build(
+    model: GeneDiT | Callable[[int, int | list[int] | None], GeneDiT] | None, pre: Preprocessor, seed: int
+) -> GeneDiT:
     """The model to train: given, or made by a factory once the gene and class counts are known."""
     if not isinstance(model, GeneDiT):
         factory = model or (lambda n, c: WhiteBoxDiT(n_genes=n, num_classes=c, **PRESETS["small"]))
@@ -348,8 +390,15 @@ def _build(model: GeneDiT | Callable[[int, int | list[int] | None], GeneDiT] | N
     return model
 
 
-def _resume(out_dir: Path, meta: dict, model: GeneDiT, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-            gen: torch.Generator, discard_bad: bool) -> _State:
+def _resume(
+    out_dir: Path,
+    meta: dict,
+    model: GeneDiT,
+    ema: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    discard_bad: bool,
+) -> _State:
     """Load the newest usable checkpoint of ``out_dir`` into model, EMA, optimizer and generator."""
     ckpt = load_checkpoint(out_dir, discard_bad=discard_bad)
     _check_resumable(ckpt, meta)
@@ -357,8 +406,14 @@ def _resume(out_dir: Path, meta: dict, model: GeneDiT, ema: torch.nn.Module, opt
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
     gen.set_state(ckpt["rng"])
-    return _State(ckpt["epoch"], ckpt["step"], ckpt.get("batch", 0), tuple(ckpt.get("epoch_loss", (0.0, 0))),
-                  ckpt.get("epoch_nonfinite", 0), ckpt.get("log_line"))
+    return _State(
+        ckpt["epoch"],
+        ckpt["step"],
+        ckpt.get("batch", 0),
+        tuple(ckpt.get("epoch_loss", (0.0, 0))),
+        ckpt.get("epoch_nonfinite", 0),
+        ckpt.get("log_line"),
+    )
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ on standardized features (the evaluator passes PCA coordinates, see ``wbdit.eval
 F1 is the one-vs-rest F1 of the cut type among the multi-class predictions. Overall values
 are means over the scored types.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,14 +45,22 @@ class DownstreamUtility:
     side's cells. Types: the scored types, sorted.
     """
 
-    def __init__(self, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 seed: int = 0, few: int = UTILITY_FEW):
+    def __init__(
+        self,
+        train_x: np.ndarray,
+        train_y: np.ndarray,
+        test_x: np.ndarray,
+        test_y: np.ndarray,
+        seed: int = 0,
+        few: int = UTILITY_FEW,
+    ):
         self.train_x, self.train_y = train_x, np.asarray(train_y).astype(str)
         self.test_x, self.test_y = test_x, np.asarray(test_y).astype(str)
         self.seed, self.few = seed, few
         n_train = {t: int((self.train_y == t).sum()) for t in np.unique(self.train_y)}
-        self.types = sorted(t for t, n in n_train.items()
-                            if n >= UTILITY_MIN_TRAIN and (self.test_y == t).sum() >= UTILITY_MIN_TEST)
+        self.types = sorted(
+            t for t, n in n_train.items() if n >= UTILITY_MIN_TRAIN and (self.test_y == t).sum() >= UTILITY_MIN_TEST
+        )
         if len(n_train) < 2:
             self.types = []  # one class: nothing to classify
         rng = np.random.default_rng(seed)
@@ -89,5 +98,7 @@ class DownstreamUtility:
 
     def floor(self) -> dict[str, dict]:
         """What real cells achieve: ``utility_f1`` = F1 with the type's real training cells restored."""
-        return {t: dict(utility_f1=self.f1_real[t], utility_f1_cut=self.f1_cut[t], utility_f1_real=self.f1_real[t])
-                for t in self.types}
+        return {
+            t: dict(utility_f1=self.f1_real[t], utility_f1_cut=self.f1_cut[t], utility_f1_real=self.f1_real[t])
+            for t in self.types
+        }

@@ -32,6 +32,7 @@ lambda = the ISTA step's lambda unless given. Measures are per cell, then averag
 A freshly initialised model is adaLN-Zero: every gate is 0, so the residual stream does not
 change through the blocks and "before" equals "after" exactly; its ISTA/MLP outputs are not zero.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -180,6 +181,7 @@ def block_taps(model: GeneDiT) -> Iterator[dict[tuple[int, str], Tensor]]:
     def keep(key):
         def hook(module, args, output):
             taps[key] = output.detach()
+
         return hook
 
     for i, block in enumerate(model.blocks):
@@ -189,9 +191,11 @@ def block_taps(model: GeneDiT) -> Iterator[dict[tuple[int, str], Tensor]]:
             code = block.mlp[1]  # the activation: Linear(H, 4H) - GELU - Linear(4H, H)
         else:
             raise TypeError(f"block {i}: cannot tap a {type(block.mlp).__name__}")
-        handles += [block.norm1.register_forward_hook(keep((i, "before"))),
-                    block.norm2.register_forward_hook(keep((i, "after"))),
-                    code.register_forward_hook(keep((i, "code")))]
+        handles += [
+            block.norm1.register_forward_hook(keep((i, "before"))),
+            block.norm2.register_forward_hook(keep((i, "after"))),
+            code.register_forward_hook(keep((i, "code"))),
+        ]
     try:
         yield taps
     finally:
@@ -199,8 +203,13 @@ def block_taps(model: GeneDiT) -> Iterator[dict[tuple[int, str], Tensor]]:
             h.remove()
 
 
-def block_measures(model: GeneDiT, taps: dict[tuple[int, str], Tensor], eps: float = EPS,
-                   lmbda: float | None = None, orthonormal: bool = True) -> list[dict[str, Tensor]]:
+def block_measures(
+    model: GeneDiT,
+    taps: dict[tuple[int, str], Tensor],
+    eps: float = EPS,
+    lmbda: float | None = None,
+    orthonormal: bool = True,
+) -> list[dict[str, Tensor]]:
     """Per block, every defined ``MEASURES`` entry as a (B,) float64 tensor of per-cell values."""
     arch = arch_name(model)
     out = []
@@ -298,8 +307,10 @@ def cells_in_model_space(adata, pre: Preprocessor) -> tuple[Tensor, np.ndarray |
     index = {g: j for j, g in enumerate(names)}
     missing = [g for g in pre.var_names if g not in index]
     if missing:
-        raise ValueError(f"{len(missing)} of the run's {pre.n_genes} genes are not in the cells "
-                         f"(e.g. {missing[:5]}); inspect needs cells measured on the training genes")
+        raise ValueError(
+            f"{len(missing)} of the run's {pre.n_genes} genes are not in the cells "
+            f"(e.g. {missing[:5]}); inspect needs cells measured on the training genes"
+        )
     dense = logx[:, [index[g] for g in pre.var_names]].toarray()
     x = pre.transform(torch.from_numpy(dense.astype(np.float32)))
     labels = None
@@ -367,8 +378,9 @@ def inspect(
         x0 = torch.as_tensor(cells, dtype=torch.float32)
     else:
         if pre is None:
-            raise ValueError("an AnnData needs a run's preprocessing: pass a Run (or its directory), "
-                             "or cells already in model space")
+            raise ValueError(
+                "an AnnData needs a run's preprocessing: pass a Run (or its directory), or cells already in model space"
+            )
         x0, cell_labels = cells_in_model_space(cells, pre)
         labels = cell_labels if labels is None else labels
     if x0.ndim != 2 or x0.shape[1] != model.n_genes:
@@ -401,21 +413,38 @@ def inspect(
                     model(diffusion.q_sample(xb, tt, nb), tt, None if y is None else y[a : a + batch_size].to(dev))
                     chunks.append(block_measures(model, taps, eps, lmbda, orthonormal))
                     taps.clear()
-                per_t.append([{k: torch.cat([c[b][k] for c in chunks]).cpu() for k in chunks[0][b]}
-                              for b in range(len(model.blocks))])
+                per_t.append(
+                    [
+                        {k: torch.cat([c[b][k] for c in chunks]).cpu() for k in chunks[0][b]}
+                        for b in range(len(model.blocks))
+                    ]
+                )
     finally:
         model.train(was_training)
     names = [k for k in MEASURES if k in per_t[0][0]]
-    means = {k: [[float(per_t[j][b][k].nanmean()) for j in range(len(levels))] for b in range(len(model.blocks))]
-             for k in names}
-    spread = {k: [[float(_nanstd(per_t[j][b][k])) for j in range(len(levels))] for b in range(len(model.blocks))]
-              for k in names}
+    means = {
+        k: [[float(per_t[j][b][k].nanmean()) for j in range(len(levels))] for b in range(len(model.blocks))]
+        for k in names
+    }
+    spread = {
+        k: [[float(_nanstd(per_t[j][b][k])) for j in range(len(levels))] for b in range(len(model.blocks))]
+        for k in names
+    }
     arch = arch_name(model)
     lam = None if arch != "wbdit" else (model.blocks[0].mlp.lmbda if lmbda is None else lmbda)
     return Inspection(
-        arch=arch, label=label, t=levels, measures=means, spread=spread, n_cells=len(x0), eps=eps, lmbda=lam,
+        arch=arch,
+        label=label,
+        t=levels,
+        measures=means,
+        spread=spread,
+        n_cells=len(x0),
+        eps=eps,
+        lmbda=lam,
         orthonormal=orthonormal,
-        conditioning=conditioning, model_config=dict(model.config), seconds=time.perf_counter() - start,
+        conditioning=conditioning,
+        model_config=dict(model.config),
+        seconds=time.perf_counter() - start,
         definitions={k: dict(asdict(MEASURES[k]), sparse_code=SPARSE_CODE[arch]) for k in names},
     )
 
@@ -428,8 +457,9 @@ def _nanstd(v: Tensor) -> float:
 TRAINING_CELLS, TRAINING_LEVELS = 100, 5  # per logged epoch: a few seconds of CPU on the small preset
 
 
-def during_training(cells, n_cells: int = TRAINING_CELLS, t: int | Sequence[int] = TRAINING_LEVELS,
-                    seed: int = 0) -> Callable[[Run], dict]:
+def during_training(
+    cells, n_cells: int = TRAINING_CELLS, t: int | Sequence[int] = TRAINING_LEVELS, seed: int = 0
+) -> Callable[[Run], dict]:
     """An inspector for ``wbdit.train(inspect=...)``: the measures of the EMA model on ``n_cells`` of
     ``cells`` (an AnnData, e.g. the training or held-out cells) at ``t`` noise levels, as a compact
     dict for the epoch's log line: ``t``, ``n_cells``, ``eps`` and each measure's (depth, len(t)) grid."""
@@ -440,9 +470,14 @@ def during_training(cells, n_cells: int = TRAINING_CELLS, t: int | Sequence[int]
             x, labels = cells_in_model_space(cells, run.preprocessor)
             keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_cells].sort().values
             prepared.extend([x[keep], None if labels is None else labels[keep.numpy()]])
-        ins = inspect(run.model, prepared[0], t=t, n_cells=n_cells, labels=prepared[1], diffusion=run.diffusion,
-                      seed=seed)
-        return dict(t=ins.t, n_cells=ins.n_cells, eps=ins.eps,
-                    **{k: [[round(v, 5) for v in row] for row in grid] for k, grid in ins.measures.items()})
+        ins = inspect(
+            run.model, prepared[0], t=t, n_cells=n_cells, labels=prepared[1], diffusion=run.diffusion, seed=seed
+        )
+        return dict(
+            t=ins.t,
+            n_cells=ins.n_cells,
+            eps=ins.eps,
+            **{k: [[round(v, 5) for v in row] for row in grid] for k, grid in ins.measures.items()},
+        )
 
     return inspect_run

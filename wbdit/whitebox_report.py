@@ -7,6 +7,7 @@ shared by the models): ``whitebox_coding_rate.png`` and ``whitebox_sparsity.png`
 ``plot_training_whitebox`` draws the measures logged by ``wbdit train --inspect-every``.
 Figures are drawn as in ``wbdit.plots``: ``matplotlib.figure.Figure``, saved by ``plots.save_figure``.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,17 @@ def draw_heatmaps(path: str, inspections: Sequence[Inspection], names: Sequence[
             who = f"{ARCH_NAMES.get(ins.arch, ins.arch)} ({ins.label})"
             if ins.arch not in measure.archs:
                 ax.set_axis_off()
-                ax.text(0.5, 0.5, f"{name}: not defined for {ARCH_NAMES.get(ins.arch, ins.arch)}\n"
-                        "(no shared subspace projection U / no ISTA step)", ha="center", va="center",
-                        fontsize=9, color="0.4", transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{name}: not defined for {ARCH_NAMES.get(ins.arch, ins.arch)}\n"
+                    "(no shared subspace projection U / no ISTA step)",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="0.4",
+                    transform=ax.transAxes,
+                )
                 ax.set_title(f"{who}\n{measure.title}", fontsize=9)
                 continue
             grid = ins.grid(name)
@@ -71,8 +80,15 @@ def draw_heatmaps(path: str, inspections: Sequence[Inspection], names: Sequence[
                     v = grid[b, j]
                     shade = (v - lo) / (hi - lo) if np.isfinite(v) else 0.5
                     dark = shade > 0.6 if not diverging else abs(shade - 0.5) < 0.3
-                    ax.text(j, b, "n/a" if not np.isfinite(v) else f"{v:.3g}", ha="center", va="center",
-                            fontsize=7, color="black" if dark else "white")
+                    ax.text(
+                        j,
+                        b,
+                        "n/a" if not np.isfinite(v) else f"{v:.3g}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if dark else "white",
+                    )
             ax.set_xticks(range(len(ins.t)), [str(t) for t in ins.t], fontsize=8)
             ax.set_yticks(range(grid.shape[0]), [f"block {b + 1}" for b in range(grid.shape[0])], fontsize=8)
             ax.set_xlabel("noise level t (0: clean cells)", fontsize=8)
@@ -99,11 +115,20 @@ def write_report(inspections: Sequence[Inspection], out_dir: str | os.PathLike) 
     cells = ", ".join(f"{i.label}: {i.n_cells} cells ({i.conditioning})" for i in inspections)
     eps = f"eps = {inspections[0].eps}, tokens of unit norm"
     return [
-        json_path, text_path,
-        draw_heatmaps(os.path.join(out_dir, "whitebox_coding_rate.png"), inspections, CODING_RATE_MAPS,
-                      f"Coding rate and compression per block and noise level ({eps}; {cells})"),
-        draw_heatmaps(os.path.join(out_dir, "whitebox_sparsity.png"), inspections, SPARSITY_MAPS,
-                      f"Sparsity of the sparse code (WB-DiT: ISTA output; DiT: MLP hidden units) ({cells})"),
+        json_path,
+        text_path,
+        draw_heatmaps(
+            os.path.join(out_dir, "whitebox_coding_rate.png"),
+            inspections,
+            CODING_RATE_MAPS,
+            f"Coding rate and compression per block and noise level ({eps}; {cells})",
+        ),
+        draw_heatmaps(
+            os.path.join(out_dir, "whitebox_sparsity.png"),
+            inspections,
+            SPARSITY_MAPS,
+            f"Sparsity of the sparse code (WB-DiT: ISTA output; DiT: MLP hidden units) ({cells})",
+        ),
     ]
 
 
@@ -126,8 +151,13 @@ def plot_training_whitebox(run_dir: str | os.PathLike) -> list[str]:
         depth = points[-1][1].shape[0]
         for b in range(depth):
             color = colormaps["viridis"](0.8 * b / max(depth - 1, 1))  # 0.8: not the pale yellow end
-            ax.plot([e for e, _ in points], [np.nanmean(g[b]) if g.shape[0] > b else np.nan for _, g in points],
-                    marker="o" if len(points) < 30 else None, color=color, label=f"block {b + 1}")
+            ax.plot(
+                [e for e, _ in points],
+                [np.nanmean(g[b]) if g.shape[0] > b else np.nan for _, g in points],
+                marker="o" if len(points) < 30 else None,
+                color=color,
+                label=f"block {b + 1}",
+            )
         if name in DIVERGING:
             ax.axhline(0.0, color="black", lw=1, ls="--")
         ax.set(xlabel="epoch", ylabel=f"{name} ({MEASURES[name].unit})", title=MEASURES[name].title)
