@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from wbdit.batches import CHUNK_CELLS
-from wbdit.data import ad, matrix_rows, sp
+from wbdit.data import H5Matrix, MatrixRows, ad, matrix_rows, sp
 from wbdit.errors import InputError, MissingKeyError
 from wbdit.extras import require
 
