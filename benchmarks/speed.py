@@ -1,7 +1,7 @@
 """Training-step and sampling speed, measured side by side; importable by the other benchmarks.
 
     python benchmarks/speed.py train [--batch 16] [--rounds 5] [--compile]
-    python benchmarks/speed.py sample RUN_DIR [--cells 10000] [wbdit.sample settings as KEY=VALUE]
+    python benchmarks/speed.py sample RUN_DIR [--cells 10000] [--set KEY=VALUE ...]   # wbdit.sample keywords
 
 ``train``: one ``wbdit.trainer.train_step`` (forward + loss, backward, clipping, AdamW, EMA) of
 each variant of ``wbdit.compare.VARIANTS`` at the seed configuration (2000 genes, hidden 768,
@@ -336,7 +336,14 @@ def main() -> None:
     s = sub.add_parser("sample")
     s.add_argument("run")
     s.add_argument("--cells", type=int, default=10000)
-    s.add_argument("settings", nargs="*", help="wbdit.sample keywords as KEY=VALUE (cfg_interval=LO,HI)")
+    s.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a wbdit.sample keyword, e.g. --set sampler=ddim --set cfg_interval=0,1 (repeatable)",
+    )
     s.set_defaults(func=cmd_sample)
     args = p.parse_args()
     args.func(args)
