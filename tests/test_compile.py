@@ -1,4 +1,4 @@
-"""``train(compile=...)``: the fused model under torch.compile as one graph agrees with eager training.
+"""``train(compile=...)`` and ``sample(compile=...)``: the fused model under torch.compile agrees with eager.
 
 The backend here is aot_eager: the same graph capture (fullgraph: a graph break fails) and
 AOT autograd through the custom ops as inductor, without inductor's C++ build, which took
@@ -8,11 +8,13 @@ eager, with its timing, by benchmarks/test_bench_training.py (benchmarks/RESULTS
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from wbdit import datasets, ops
 from wbdit.diffusion import GaussianDiffusion
 from wbdit.model import WhiteBoxDiT
+from wbdit.sampling import sample
 from wbdit.trainer import train
 
 
@@ -41,3 +43,23 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     assert abs(compiled.history[0]["loss"] - eager.history[0]["loss"]) < 1e-5
     for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_sampling_matches_eager(tmp_path, monkeypatch):
+    adata = datasets.synthetic(n_cells=32, n_genes=25, n_types=3, markers_per_type=5, seed=0)
+    run = train(
+        adata,
+        WhiteBoxDiT(n_genes=25, num_classes=3, patch_size=10, hidden_size=32, depth=1, num_heads=2),
+        label_key="cell_type",
+        out_dir=tmp_path / "r",
+        epochs=1,
+        batch_size=16,
+        diffusion=GaussianDiffusion(num_timesteps=100),
+        device="cpu",
+        progress=False,
+    )
+    eager = sample(run, n_cells=5, batch_size=3, device="cpu", progress=False)  # a short last batch too
+    torch._dynamo.reset()
+    monkeypatch.setattr(ops, "_backends_loaded", False)
+    compiled = sample(run, n_cells=5, batch_size=3, device="cpu", progress=False, compile="aot_eager")
+    np.testing.assert_allclose(compiled.X.toarray(), eager.X.toarray(), rtol=1e-4, atol=1e-5)

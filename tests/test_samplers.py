@@ -139,3 +139,13 @@ def test_default_steps():
     model = GaussianDenoiser(diffusion)
     diffusion.sample(model, 2, G)
     assert len(model.rows) == DEFAULT_STEPS["dpm++2m"]
+    short = GaussianDiffusion(num_timesteps=4)  # fewer timesteps than the default steps: steps=T
+    model = GaussianDenoiser(short)
+    short.sample(model, 2, G)
+    assert model.rows and len(model.rows) == len(short.timesteps(4, "dpm++2m"))  # distinct ones: 3 of 4
+
+
+def test_eta_only_for_ddim():
+    diffusion = GaussianDiffusion()
+    with pytest.raises(ValueError, match="eta=1.0 applies to the ddim sampler only"):
+        diffusion.sample(GaussianDenoiser(diffusion), 2, G, eta=1.0)

@@ -286,7 +286,7 @@ class GaussianDiffusion:
         guidance_terms(scales, guidance)  # an unknown guidance fails here, before any step
         if cfg_interval is not None and not 0 <= cfg_interval[0] <= cfg_interval[1] <= 1:
             raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {cfg_interval}")
-        steps = DEFAULT_STEPS.get(sampler, self.num_timesteps) if steps is None else steps
+        steps = min(DEFAULT_STEPS.get(sampler, self.num_timesteps), self.num_timesteps) if steps is None else steps
         x = torch.randn((n, n_features), device=device, generator=generator)
         seq = list(range(self.num_timesteps - 1, -1, -1)) if sampler == "ddpm" else self.timesteps(steps, sampler)
         prev_seq = seq[1:] + [-1]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from wbdit import ops
 from wbdit.data import ad, sp
 from wbdit.diffusion import DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS, guidance_terms
 from wbdit.distributed import default_device
@@ -129,13 +130,17 @@ def sample(
     allow_unseen: bool = False,
     guidance: str = "joint",
     cfg_interval: tuple[float, float] | None = DEFAULT_CFG_INTERVAL,
+    compile: bool | str = False,
 ) -> ad.AnnData:
     """Generate ``n_cells`` cells; ``X`` holds log-normalized values (or integer counts).
 
     The defaults are the measured best (``DEFAULT_SAMPLER``, ``wbdit.diffusion.DEFAULT_STEPS``,
     ``DEFAULT_CFG_SCALE`` for a conditional run, 1.0 for an unconditional one, applied where
     t / T lies in ``cfg_interval``, None: at every step), in batches of ``BATCH_SIZES`` cells
-    for the device, on the fast paths (``fused=False``: the reference).
+    for the device, on the fast paths (``fused=False``: the reference). ``compile=True`` runs the
+    model under ``torch.compile``: on a 2-core CPU 1.4x the cells/s for the demo model after a
+    first compile of about 20 s, so it pays off from tens of thousands of cells
+    (benchmarks/RESULTS.md, "Sampling"); a string names the backend (default inductor).
 
     ``cell_types`` maps a value of the primary label column (cell type) to a count;
     ``conditions`` lists ``({column: value, ...}, count)`` requests over the run's label columns
@@ -155,7 +160,13 @@ def sample(
         run = Run.load(run, device=device)
     model, pre = run.model.to(device).eval(), run.preprocessor
     model.fused = fused
-    steps = DEFAULT_STEPS.get(sampler, run.diffusion.num_timesteps) if steps is None else steps
+    if compile:
+        ops.available()  # import the fast backends now: an import inside the graph would break it
+    # Default dynamic shapes: the guided steps' doubled batch and a short last batch make one
+    # more graph for all sizes instead of one per size.
+    net = torch.compile(model, backend="inductor" if compile is True else compile) if compile else model
+    T = run.diffusion.num_timesteps
+    steps = min(DEFAULT_STEPS.get(sampler, T), T) if steps is None else steps
     cfg_scale = (DEFAULT_CFG_SCALE if pre.label_keys else 1.0) if cfg_scale is None else cfg_scale
     batch_size = batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cuda"])
     if counts and pre.input_kind != "counts":
@@ -173,7 +184,7 @@ def sample(
         n = min(batch_size, n_cells - start)
         y = None if labels is None else torch.from_numpy(labels[start : start + n]).to(device)
         z = run.diffusion.sample(
-            model,
+            net,
             n,
             pre.n_genes,
             y=y,
