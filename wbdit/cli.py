@@ -335,13 +335,26 @@ def _common_parent(seed: int | None = 0) -> argparse.ArgumentParser:
     return p
 
 
+def _ops_parent() -> argparse.ArgumentParser:
+    """--reference, shared by the commands that run the model (train, sample, profile)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="run the plain-PyTorch reference ops instead of the fast paths proven equal to it",
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wbdit", description="White-Box Diffusion Transformer for single-cell RNA-seq")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _common_parent()
+    common, ops = _common_parent(), _ops_parent()
 
     t = sub.add_parser(
-        "train", help="train a model on an .h5ad file", parents=[_size_parent("small", "model size preset"), common]
+        "train",
+        help="train a model on an .h5ad file",
+        parents=[_size_parent("small", "model size preset"), common, ops],
     )
     t.add_argument("data", help="input .h5ad (raw counts, log-normalized or TPM-like values; dense or sparse)")
     t.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl)")
@@ -418,11 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream the .h5ad from disk in chunks instead of loading it (for files larger than memory)",
     )
     t.add_argument(
-        "--reference",
-        action="store_true",
-        help="train on the plain-PyTorch reference ops instead of the fast paths proven equal to it",
-    )
-    t.add_argument(
         "--compile",
         action="store_true",
         help="run the training forward under torch.compile (compiles for a while first; see "
@@ -430,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="generate cells from a trained run", parents=[common])
+    s = sub.add_parser("sample", help="generate cells from a trained run", parents=[common, ops])
     s.add_argument("run", help="run directory written by 'wbdit train'")
     s.add_argument("-o", "--output", required=True, help="output .h5ad")
     s.add_argument(
@@ -497,11 +505,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--counts", action="store_true", help="write integer counts (log values in a layer)")
     s.add_argument("--batch-size", type=_positive_int, help="cells per batch (default: sized for the device)")
-    s.add_argument(
-        "--reference",
-        action="store_true",
-        help="run the plain-PyTorch reference ops instead of the fast paths proven equal to it",
-    )
     s.add_argument(
         "--compile",
         action="store_true",
@@ -602,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "profile",
         help="profile a few training steps (torch.profiler trace, top ops; or --nsys)",
-        parents=[_size_parent(None, "default: seed on CUDA, small on CPU"), common],
+        parents=[_size_parent(None, "default: seed on CUDA, small on CPU"), common, ops],
     )
     f.add_argument("--out", default="wbdit-profile", help="output directory (trace.json, top_ops.txt, profile.json)")
     f.add_argument(
@@ -611,7 +614,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the nsys command and bracket the measured steps with cudaProfilerStart/Stop",
     )
     f.add_argument("--arch", choices=tuple(MODELS), default="wbdit")
-    f.add_argument("--reference", action="store_true", help="profile the reference ops instead of the fast paths")
     f.add_argument("--n-genes", type=_positive_int, default=2000)
     f.add_argument("--batch-size", type=_positive_int, help="default 256 on CUDA, 32 on CPU")
     f.add_argument("--warmup", type=_positive_int, default=3, help="unprofiled warm-up steps")
