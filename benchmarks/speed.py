@@ -200,7 +200,7 @@ def sampling_pass(
     ``settings`` override ``sampler_settings()``, the sampler, steps and guidance of
     ``wbdit.sample``. ``compile``: the model under ``torch.compile(dynamic=False)`` (guided
     steps double the batch: one more graph), timed after a warm-up pass that compiles.
-    Returns seconds, cells/s and model calls per cell.
+    Returns seconds, cells/s, model calls per cell and whether every generated value was finite.
     """
     dev = torch.device(device)
     settings = sampler_settings(**settings)
@@ -210,10 +210,13 @@ def sampling_pass(
     g = torch.Generator(device=dev).manual_seed(seed)
     y = torch.randint(0, model.num_classes, (n_cells,), device=dev, generator=g)
 
+    finite = []
+
     def run(cells: int) -> None:
         for start in range(0, cells, batch_size):
             n = min(batch_size, cells - start)
-            diffusion.sample(counted, n, model.n_genes, y=y[start : start + n], generator=g, device=dev, **settings)
+            x = diffusion.sample(counted, n, model.n_genes, y=y[start : start + n], generator=g, device=dev, **settings)
+            finite.append(torch.isfinite(x).all())
         sync(dev)
 
     with torch.inference_mode():
@@ -230,6 +233,7 @@ def sampling_pass(
         cells_per_s=n_cells / seconds,
         warmup_s=warm,
         model_calls_per_cell=counted.rows / n_cells,
+        finite=bool(torch.stack(finite).all()),
         batch_size=batch_size,
         compiled=compile,
         implementations=ops.report(),

@@ -191,18 +191,21 @@ def render(rows: list[dict]) -> str:
             [
                 s["variant"],
                 s["sampler"],
+                s["cells"],
                 s["batch"],
                 _g(s["seconds"], ".2f"),
                 _g(s["cells_per_s"], ".0f"),
-                _g(s["ms_per_step"], ".1f"),
+                _g(s["model_calls_per_cell"], ".1f"),
                 _g(s["peak_mib"], ".0f"),
+                _g(s["warmup_s"], ".1f"),
                 s["finite"],
             ]
             for s in samples
         ]
+        header = ["model", "settings", "cells", "batch", "s", "cells/s", "model calls/cell", "peak MiB", "warm-up s"]
         parts.append(
-            "**Sampling** (default sampler, fp32)\n\n"
-            + _table(["model", "sampler", "cells", "s", "cells/s", "ms/step", "peak MiB", "finite"], lines)
+            "**Sampling** (`wbdit.sample`'s defaults and the old recipe, seed config, fp32)\n\n"
+            + _table([*header, "finite"], lines)
         )
 
     skips = by.get("skip", [])
